@@ -1,0 +1,49 @@
+"""Service configuration: one typed Settings object read from the environment.
+
+Read through :func:`get_settings` (cached); nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    # Root of everything the service writes: the SQLite file, datasets, checkpoints.
+    lmforge_home: Path = Field(default=Path("./var"), alias="LMFORGE_HOME")
+    # Defaults to a SQLite file under LMFORGE_HOME; "postgresql+psycopg://..." in production.
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
+    # Largest accepted dataset upload, in bytes.
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, alias="LMFORGE_MAX_UPLOAD_BYTES")
+    # Redis redelivers an unacked task after this many seconds, even while it runs: keep it above
+    # the longest job (FIELD-NOTES.md). Duplicates are harmless anyway (the runner claims).
+    visibility_timeout_s: int = Field(default=7 * 24 * 3600, alias="LMFORGE_VISIBILITY_TIMEOUT_S")
+    # A running job whose heartbeat is older than this is presumed orphaned and re-enqueued.
+    heartbeat_timeout_s: float = Field(default=120.0, alias="LMFORGE_HEARTBEAT_TIMEOUT_S")
+    max_attempts: int = Field(default=3, alias="LMFORGE_MAX_ATTEMPTS")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.lmforge_home
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.lmforge_home / "storage"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.lmforge_home / 'lmforge.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,134 @@
+"""The engine's boundary: what goes in (texts, a spec), what comes out (metrics, checkpoints,
+a result) and the one exception it raises. Pure Python: no torch, no service code.
+
+The engine never touches HTTP, SQL or Celery; the worker's runner and ``lmforge train``
+implement :class:`TrainingHooks` to persist what the engine reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+CheckpointKind = Literal["best", "last", "periodic"]
+
+# Machine-readable error codes of a job that cannot run. Each comes with a message a person can
+# act on.
+ERROR_CODES = (
+    "non_finite_loss",  # loss or gradient became NaN/inf; the last good checkpoint is kept
+    "corpus_too_small",  # a split is shorter than one batch of batch_size x (seq_len + 1) tokens
+    "dataset_error",  # a dataset is missing, unreadable or not UTF-8 text
+    "invalid_checkpoint",  # a checkpoint failed its sha256 or cannot be loaded
+    "device_unavailable",  # device "cuda" asked for on a machine without CUDA
+    "invalid_spec",  # the spec cannot be run (e.g. pretrained embeddings of the wrong width)
+    "worker_lost",  # the job's worker died too many times (set by the service, not the engine)
+    "internal_error",  # a bug: anything else
+)
+
+
+class TrainingError(Exception):
+    """A job that cannot run or cannot continue. ``code`` is one of :data:`ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.step = step
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+
+@dataclass
+class CorpusTexts:
+    """The job's text, already read and decoded.
+
+    ``train`` is the whole dataset; when ``validation``/``test`` are None the engine holds out
+    ``spec.val_fraction``/``spec.test_fraction`` of its tail (validation before test).
+    ``embeddings`` is GloVe-format text when the spec asks for pretrained embeddings.
+    """
+
+    train: str
+    validation: str | None = None
+    test: str | None = None
+    embeddings: str | None = None
+
+
+@dataclass
+class StepMetrics:
+    """One row per optimizer step. Losses are cross-entropy in nats per token; ``val_*`` are
+    set only on steps where validation ran (token-weighted over the whole split)."""
+
+    step: int  # 1-based optimizer step
+    epoch: float  # fractional passes over the training split
+    train_loss: float  # nats/token, mean over this step's batch
+    lr: float
+    grad_norm: float  # total L2 norm before clipping
+    tokens_per_s: float  # training throughput (excludes evaluation time)
+    elapsed_s: float  # wall-clock seconds since the run (or resume) started
+    tokens_seen: int  # training tokens consumed up to and including this step
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_bpc: float | None = None  # bits per character, char tokenizer only
+    val_accuracy: float | None = None  # next-token top-1 accuracy in [0, 1]
+    val_top5_accuracy: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CheckpointBlob:
+    """A checkpoint as one safetensors file (weights, optimizer/RNG state for exact resume,
+    JSON config and tokenizer in the header metadata)."""
+
+    kind: CheckpointKind
+    step: int
+    data: bytes
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    epochs: float
+    tokens_seen: int
+    duration_s: float
+    train_tokens_per_s: float  # training throughput excluding evaluation
+    stop_reason: str  # one of spec.StopReason's values
+    final_val_loss: float | None
+    final_val_ppl: float | None
+    best_val_loss: float | None
+    best_val_ppl: float | None
+    best_step: int | None
+    vocab_size: int
+    num_params: int
+    test_loss: float | None = None
+    test_ppl: float | None = None
+    test_bpc: float | None = None
+    test_accuracy: float | None = None
+    test_top5_accuracy: float | None = None
+    embedding_coverage: float | None = None  # share of the vocabulary found in the embeddings
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingHooks(Protocol):
+    """Side effects of a run, injected by the caller."""
+
+    def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
+        """Called with consecutive steps, in order, every ``training.log_interval`` steps and
+        at the end. Each step is reported exactly once per run (or resume)."""
+
+    def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
+        """Persist a checkpoint (``best`` replaces the previous best, ``last`` the previous
+        last; ``periodic`` ones are kept up to ``training.keep_checkpoints``)."""
+
+    def should_stop(self) -> bool:
+        """Polled at every metrics flush; True ends the run with stop_reason ``cancelled``
+        after a ``last`` checkpoint is saved."""

@@ -1,0 +1,199 @@
+"""The training-job spec: one pydantic model shared by the API, the worker and `lmforge train`.
+
+This module imports only pydantic, so the API process can validate specs without torch.
+Every field has a default except the data source. Defaults follow PyTorch's
+`examples/word_language_model/main.py` where it has one (``init_range=0.1``,
+plateau ``factor=0.25``, i.e. its divide-by-4 annealing) and the issue's spec otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUILTIN_CORPORA: tuple[str, ...] = ("python-docs",)
+
+
+class _Strict(BaseModel):
+    # Unknown keys are a 422 rather than silently ignored: a typo ("hiden_dim") must not
+    # train a model the user did not ask for.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSource(_Strict):
+    """Where a text comes from: exactly one of an uploaded dataset id, a built-in corpus, or a
+    local file path (``path`` is accepted by ``lmforge train`` only; the HTTP API refuses it)."""
+
+    id: str | None = None
+    builtin: Literal["python-docs"] | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetSource:
+        given = [k for k in ("id", "builtin", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'id', 'builtin' or 'path'")
+        return self
+
+
+class TokenizerSpec(_Strict):
+    """``char``: one token per Unicode character, plus ``<unk>``.
+    ``word``: whitespace split, ``<eos>`` at each line end, ``<unk>`` below ``min_freq`` or
+    beyond ``max_vocab``. ``bpe``: Hugging Face ``tokenizers`` byte-level BPE trained on the
+    training split with ``vocab_size`` entries."""
+
+    kind: Literal["char", "word", "bpe"] = "char"
+    max_vocab: int | None = Field(default=None, ge=2)
+    min_freq: int = Field(default=1, ge=1)
+    vocab_size: int = Field(default=2000, ge=64, le=100_000)
+
+
+class PretrainedEmbeddings(_Strict):
+    """Initialise the embedding from a dataset in GloVe text format (``word v1 v2 ...``)."""
+
+    dataset_id: str | None = None
+    path: str | None = None
+    freeze: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PretrainedEmbeddings:
+        if (self.dataset_id is None) == (self.path is None):
+            raise ValueError("give exactly one of 'dataset_id' or 'path'")
+        return self
+
+
+class ModelSpec(_Strict):
+    embed_dim: int = Field(default=128, ge=1, le=8192)
+    hidden_dim: int = Field(default=256, ge=1, le=8192)
+    num_layers: int = Field(default=2, ge=1, le=16)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    tie_weights: bool = False
+    # Uniform(-init_range, init_range) for the embedding and decoder, as in PyTorch's
+    # word_language_model example (`init_weights`, initrange = 0.1).
+    init_range: float = Field(default=0.1, gt=0.0, le=10.0)
+    pretrained_embeddings: PretrainedEmbeddings | None = None
+
+    @model_validator(mode="after")
+    def _tied_dims(self) -> ModelSpec:
+        if self.tie_weights and self.embed_dim != self.hidden_dim:
+            raise ValueError(
+                f"tie_weights requires embed_dim == hidden_dim "
+                f"(got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim})"
+            )
+        return self
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0, le=100.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # sgd only
+    nesterov: bool = False  # sgd only; needs momentum > 0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
+    eps: float = Field(default=1e-8, gt=0.0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs name='sgd' and momentum > 0")
+        return self
+
+
+class ScheduleSpec(_Strict):
+    """Learning-rate schedule, stepped once per optimizer step (``plateau``: once per evaluation).
+
+    - ``constant``: ``lr`` throughout (after optional linear warm-up).
+    - ``cosine``: linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` at the
+      step budget (``max_steps``, or the step equivalent of ``max_epochs``/``max_tokens``).
+    - ``step``: multiply by ``gamma`` every ``step_size`` steps.
+    - ``plateau``: divide by ``1/factor`` when the validation loss has not improved for
+      ``patience`` evaluations (default factor 0.25: the classic example's divide-by-4).
+    """
+
+    kind: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0.0)
+    step_size: int = Field(default=1000, ge=1)
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+    factor: float = Field(default=0.25, gt=0.0, lt=1.0)
+    patience: int = Field(default=0, ge=0)
+
+
+class EarlyStoppingSpec(_Strict):
+    """Stop after ``patience`` evaluations without a validation-loss improvement of at least
+    ``min_delta`` nats."""
+
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class TrainingSpec(_Strict):
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=64, ge=1, le=4096)
+    # Stopping rules: any combination; the first that holds ends the run. max_steps always
+    # applies so that every job has a finite budget.
+    max_steps: int = Field(default=1000, ge=1, le=10_000_000)
+    max_epochs: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_runtime_s: float | None = Field(default=None, gt=0)
+    early_stopping: EarlyStoppingSpec | None = None
+    eval_interval: int = Field(default=100, ge=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_threads: int | None = Field(default=None, ge=1, le=1024)
+    checkpoint_interval: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1, le=1000)
+    # Per-step losses stay on the device and are flushed to the reporter every this many steps
+    # (each step still gets its own metric row).
+    log_interval: int = Field(default=10, ge=1, le=10_000)
+
+
+class JobSpec(_Strict):
+    """A training job. The data is ``dataset_id`` (an uploaded dataset) or ``dataset``
+    (``{"id"}``, ``{"builtin": "python-docs"}`` or, for ``lmforge train`` only, ``{"path"}``);
+    ``validation``/``test`` optionally name separate splits, otherwise ``val_fraction`` and
+    ``test_fraction`` of the dataset's tail are held out (validation before test)."""
+
+    name: str | None = Field(default=None, max_length=200)
+    dataset_id: str | None = None
+    dataset: DatasetSource | None = None
+    validation: DatasetSource | None = None
+    test: DatasetSource | None = None
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    model: ModelSpec = ModelSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    training: TrainingSpec = TrainingSpec()
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _normalise_dataset(self) -> JobSpec:
+        if self.dataset_id is not None and self.dataset is not None:
+            raise ValueError("give either 'dataset_id' or 'dataset', not both")
+        if self.dataset_id is None and self.dataset is None:
+            raise ValueError("a job needs data: give 'dataset_id' or 'dataset'")
+        if self.dataset is None:
+            self.dataset = DatasetSource(id=self.dataset_id)
+        self.dataset_id = self.dataset.id
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.validation is None and self.val_fraction == 0.0:
+            raise ValueError("validation needs data: set val_fraction > 0 or give 'validation'")
+        return self
+
+    def sources(self) -> list[DatasetSource]:
+        """Every data source the job reads (train, validation, test, embeddings)."""
+        assert self.dataset is not None
+        out = [self.dataset]
+        out += [s for s in (self.validation, self.test) if s is not None]
+        return out
+
+
+StopReason = Annotated[
+    Literal["max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"],
+    "why the run ended",
+]
