@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # A running job whose heartbeat is older than this is presumed orphaned and re-enqueued.
     heartbeat_timeout_s: float = Field(default=120.0, alias="LMFORGE_HEARTBEAT_TIMEOUT_S")
     max_attempts: int = Field(default=3, alias="LMFORGE_MAX_ATTEMPTS")
+    # On a warm shutdown with REMAP_SIGTERM=SIGQUIT, a running task gets this long (seconds)
+    # before its message is restored to the queue (Celery's worker_soft_shutdown_timeout).
+    soft_shutdown_timeout_s: float = Field(default=10.0, alias="LMFORGE_SOFT_SHUTDOWN_TIMEOUT_S")
 
     @property
     def data_dir(self) -> Path:

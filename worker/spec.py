@@ -172,7 +172,13 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _normalise_dataset(self) -> JobSpec:
-        if self.dataset_id is not None and self.dataset is not None:
+        # Both may be present when they agree: a spec dumped by the service (defaults filled in)
+        # must validate again unchanged.
+        if (
+            self.dataset_id is not None
+            and self.dataset is not None
+            and self.dataset.id != self.dataset_id
+        ):
             raise ValueError("give either 'dataset_id' or 'dataset', not both")
         if self.dataset_id is None and self.dataset is None:
             raise ValueError("a job needs data: give 'dataset_id' or 'dataset'")

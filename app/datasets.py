@@ -1,0 +1,138 @@
+"""Datasets: text statistics counted while an upload streams, rows, and token estimates.
+
+A dataset is an uploaded UTF-8 text file (stored under ``datasets/<id>.txt``) or, in a job
+spec, a built-in corpus (``worker.engine.corpora``, no torch import).
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound, ValidationFailed
+from app.models import Dataset, new_id
+
+
+@dataclass(frozen=True)
+class TextStats:
+    num_chars: int  # Unicode code points
+    num_lines: int  # "\n"-terminated lines, plus a last unterminated one
+    num_words: int  # whitespace-separated tokens (str.split())
+
+    def tokens(self, tokenizer_kind: str) -> int | None:
+        """Tokens the engine's tokenizer makes of this text: one per character for ``char``;
+        words plus one ``<eos>`` per line for ``word``; unknown before training for ``bpe``."""
+        if tokenizer_kind == "char":
+            return self.num_chars
+        if tokenizer_kind == "word":
+            return self.num_words + self.num_lines
+        return None
+
+
+class TextCounter:
+    """Decodes UTF-8 incrementally (a character may straddle two chunks) and counts characters,
+    lines and words. Raises :class:`ValidationFailed` (field ``file``) on invalid UTF-8."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._offset = 0  # bytes fed so far
+        self._chars = self._newlines = self._words = 0
+        self._in_word = False
+        self._last = ""
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        pending = len(self._decoder.getstate()[0])
+        try:
+            text = self._decoder.decode(data, final)
+        except UnicodeDecodeError as exc:
+            at = self._offset - pending + exc.start
+            raise ValidationFailed(
+                f"the file is not UTF-8 text: invalid byte sequence at byte offset {at}",
+                field="file",
+                details=[{"byte_offset": at, "reason": exc.reason}],
+            ) from exc
+        self._offset += len(data)
+        if not text:
+            return
+        self._chars += len(text)
+        self._newlines += text.count("\n")
+        words = len(text.split())
+        if words and self._in_word and not text[0].isspace():
+            words -= 1  # the first word continues the previous chunk's last one
+        self._words += words
+        self._in_word = not text[-1].isspace()
+        self._last = text[-1]
+
+    def finish(self) -> TextStats:
+        self.feed(b"", final=True)
+        lines = self._newlines + (1 if self._chars and self._last != "\n" else 0)
+        return TextStats(self._chars, lines, self._words)
+
+
+def text_stats(text: str) -> TextStats:
+    counter = TextCounter()
+    counter.feed(text.encode("utf-8"))
+    return counter.finish()
+
+
+@lru_cache(maxsize=4)
+def builtin_stats(name: str) -> TextStats:
+    from worker.engine.corpora import builtin_corpus  # no torch: pure Python
+
+    return text_stats(builtin_corpus(name))
+
+
+def storage_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}.txt"
+
+
+def new_dataset_id() -> str:
+    return new_id("ds")
+
+
+def add_dataset(
+    session: Session, dataset_id: str, name: str, size: int, sha256: str, stats: TextStats
+) -> Dataset:
+    row = Dataset(
+        id=dataset_id,
+        name=name,
+        bytes=size,
+        sha256=sha256,
+        num_chars=stats.num_chars,
+        num_lines=stats.num_lines,
+        num_words=stats.num_words,
+        storage_key=storage_key(dataset_id),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return row
+
+
+def list_datasets(
+    session: Session, limit: int, after: str | None
+) -> tuple[list[Dataset], bool]:
+    """Newest first; ``after`` is the id of the last dataset of the previous page."""
+    query = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc())
+    if after is not None:
+        cursor = session.get(Dataset, after)
+        if cursor is None:
+            raise ValidationFailed(f"unknown cursor {after!r}", field="after")
+        query = query.where(
+            or_(
+                Dataset.created_at < cursor.created_at,
+                and_(Dataset.created_at == cursor.created_at, Dataset.id < cursor.id),
+            )
+        )
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

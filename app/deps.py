@@ -1,0 +1,44 @@
+"""FastAPI dependencies, declared once as ``Annotated`` aliases.
+
+The resources live on ``app.state`` (built by ``app.main``'s lifespan); tests replace any of
+them with ``app.dependency_overrides[get_enqueuer] = ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.queue import Enqueuer
+from app.settings import Settings
+from app.storage import Storage
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; routes commit explicitly, anything uncommitted rolls back."""
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_enqueuer(request: Request) -> Enqueuer:
+    enqueuer: Enqueuer = request.app.state.enqueuer
+    return enqueuer
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]

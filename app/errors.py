@@ -1,0 +1,174 @@
+"""Domain exceptions, their one mapping to HTTP statuses and the one JSON error shape.
+
+Every 4xx/5xx answer of the API has the body::
+
+    {"error": {"code": "not_found", "message": "...", "field": "training.batch_size" | null,
+               "details": [...]}}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class LMForgeError(Exception):
+    """Base of the domain errors: a code for machines, a message for people, optionally the
+    request field at fault (dotted path, e.g. ``model.tie_weights``)."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.field = field
+        self.details = details or []
+
+
+class NotFound(LMForgeError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(LMForgeError):
+    status_code = 409
+    code = "conflict"
+
+
+class ValidationFailed(LMForgeError):
+    status_code = 422
+    code = "validation_error"
+
+
+class PayloadTooLarge(LMForgeError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(LMForgeError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[dict[str, Any]] = []
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field,
+                                       details=details or []))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts)
+
+
+def _refine_field(path: str, msg: str, root: type[BaseModel] | None) -> str:
+    """A model-level validator's error is located at the model ("model"); when its message
+    starts with one of that model's field names ("tie_weights requires ..."), name that field
+    ("model.tie_weights") so the caller knows what to change."""
+    if root is None:
+        return path
+    model: Any = root
+    for part in path.split(".") if path else []:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return path
+        model = info.annotation
+        model = next(
+            (a for a in getattr(model, "__args__", ()) if hasattr(a, "model_fields")), model
+        )
+    first = msg.removeprefix("Value error, ").split(" ", 1)[0]
+    if first in getattr(model, "model_fields", {}):
+        return f"{path}.{first}" if path else first
+    return path
+
+
+def validation_details(
+    errors: list[Any], root: type[BaseModel] | None = None
+) -> list[dict[str, Any]]:
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid value"))
+        path = _field_path(e.get("loc", ()))
+        if e.get("type") == "value_error":
+            path = _refine_field(path, msg, root)
+        out.append({"field": path or None, "message": msg, "type": e.get("type")})
+    return out
+
+
+def install_error_handlers(app: FastAPI, body_model: type[BaseModel] | None = None) -> None:
+    """Map domain errors, request validation, HTTP errors and anything unhandled to the one
+    error shape. ``body_model`` (the job spec) lets model-level errors name their field."""
+
+    @app.exception_handler(LMForgeError)
+    async def _domain(_: Request, exc: LMForgeError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = validation_details(list(exc.errors()), body_model)
+        fields = [d["field"] for d in details if d["field"]]
+        message = "; ".join(
+            f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details
+        )
+        return error_response(
+            422, "validation_error", message or "invalid request",
+            fields[0] if fields else None, details,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error")

@@ -1,0 +1,64 @@
+"""The ASGI application: ``app.main:app`` (``lmforge api`` serves it).
+
+Nothing is read or connected at import: the lifespan reads the settings, upgrades the schema,
+and builds the engine, storage and enqueuer. This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.celery_config import make_celery
+from app.db import make_engine, make_session_factory, upgrade_database
+from app.errors import install_error_handlers
+from app.queue import CeleryEnqueuer, Enqueuer
+from app.routes import api_router, health_router
+from app.settings import Settings, get_settings
+from app.storage import LocalStorage, Storage
+from worker.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    storage: Storage | None = None,
+    enqueuer: Enqueuer | None = None,
+) -> FastAPI:
+    """Build the API. ``settings`` defaults to :func:`get_settings` at startup; ``storage``
+    to ``LocalStorage(settings.storage_dir)``; ``enqueuer`` to Celery on ``REDIS_URL``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or get_settings()
+        await run_in_threadpool(upgrade_database, s.sqlalchemy_url)
+        engine = make_engine(s.sqlalchemy_url)
+        app.state.settings = s
+        app.state.session_factory = make_session_factory(engine)
+        app.state.storage = storage or LocalStorage(s.storage_dir)
+        app.state.enqueuer = enqueuer or CeleryEnqueuer(make_celery(s))
+        log.info("LMForge API ready (database %s)", engine.url.render_as_string())
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="LMForge",
+        summary="Train LSTM language models over HTTP.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app, body_model=JobSpec)
+    app.include_router(api_router, prefix="/v1")
+    app.include_router(health_router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,178 @@
+"""SQLAlchemy 2 models: datasets, jobs, per-step metrics and checkpoints.
+
+The database is the only record of a job's state (Celery only delivers ids). Every constraint
+has a name (the naming convention) so that migrations can refer to it on SQLite and PostgreSQL
+alike; enums are stored as strings; timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """``<prefix>_<32 hex>``: 128 random bits, e.g. ``job_3f2a...``."""
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend. SQLite stores no offset and returns
+    naive values; they are UTC by construction, so the zone is put back on the way out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC timestamps")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class CheckpointKind(enum.StrEnum):
+    BEST = "best"
+    LAST = "last"
+    PERIODIC = "periodic"
+
+
+def _str_enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    # Stored as VARCHAR holding the value ("queued"), never a native PostgreSQL ENUM type:
+    # adding a state later is then a code change, not an ALTER TYPE.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    num_chars: Mapped[int] = mapped_column(BigInteger)
+    num_lines: Mapped[int] = mapped_column(BigInteger)
+    num_words: Mapped[int] = mapped_column(BigInteger)  # whitespace-separated tokens
+    storage_key: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_datasets_created_at_id", "created_at", "id"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(_str_enum(JobStatus, "job_status"))
+    spec: Mapped[dict[str, Any]]  # JobSpec with defaults filled in
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    progress: Mapped[dict[str, Any]]  # {step, total_steps, tokens_seen}
+    latest_metrics: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None]  # {code, message[, step]}
+
+    __table_args__ = (
+        # Listing newest first with a (created_at, id) keyset cursor.
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        # The orphan sweep: running jobs with a stale heartbeat.
+        Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
+    )
+
+
+class Metric(Base):
+    """One row per optimizer step; ``val_*`` only on steps where validation ran."""
+
+    __tablename__ = "metrics"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(primary_key=True)
+    epoch: Mapped[float]
+    train_loss: Mapped[float]  # nats/token
+    lr: Mapped[float]
+    grad_norm: Mapped[float]
+    tokens_per_s: Mapped[float]
+    elapsed_s: Mapped[float]
+    tokens_seen: Mapped[int] = mapped_column(BigInteger)
+    val_loss: Mapped[float | None]
+    val_ppl: Mapped[float | None]
+    val_bpc: Mapped[float | None]
+    val_accuracy: Mapped[float | None]
+    val_top5_accuracy: Mapped[float | None]
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[CheckpointKind] = mapped_column(_str_enum(CheckpointKind, "checkpoint_kind"))
+    step: Mapped[int]
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_checkpoints_job_id_kind_step", "job_id", "kind", "step"),)

@@ -1,0 +1,210 @@
+"""The runner's side of a job in the database: claim, heartbeat, metrics, checkpoints, resume,
+finish, and the sweep of orphaned jobs.
+
+Every write of a running job is fenced by its attempt number (``jobs.attempts``, incremented by
+each claim): a worker that lost its job to the sweep (it stopped heartbeating, then woke up)
+gets :class:`JobLost` instead of overwriting the new attempt's rows.
+
+Helpers take the caller's session and never commit. Those that replace checkpoints return the
+storage keys of the replaced blobs: delete them after the commit, never before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, NotFound
+from app.jobs import transition
+from app.models import Checkpoint, CheckpointKind, Job, JobStatus, Metric, new_id, utcnow
+from app.storage import Storage, sha256_hex
+from worker.engine.hooks import CheckpointBlob, StepMetrics
+
+log = logging.getLogger(__name__)
+
+S = JobStatus
+_VAL_FIELDS = ("val_loss", "val_ppl", "val_bpc", "val_accuracy", "val_top5_accuracy")
+
+
+class JobLost(Exception):
+    """The job is no longer this attempt's: it was swept back to the queue or finished."""
+
+
+def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
+    """queued -> running for this worker (``UPDATE ... WHERE id = :id AND status = 'queued'``);
+    None when the job is unknown or another delivery already holds it."""
+    now = utcnow()
+    try:
+        transition(
+            session, job_id, S.RUNNING, expect=[S.QUEUED],
+            started_at=func.coalesce(Job.started_at, now), heartbeat_at=now,
+            attempts=Job.attempts + 1, worker_id=worker_id,
+        )
+    except (Conflict, NotFound) as exc:
+        log.info("not claiming %s: %s", job_id, exc)
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def _fence(job_id: str, attempt: int) -> tuple[Any, ...]:
+    return (Job.id == job_id, Job.status == S.RUNNING, Job.attempts == attempt)
+
+
+def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
+    """Refresh ``heartbeat_at``; returns ``cancel_requested``. Raises :class:`JobLost`."""
+    res = session.execute(
+        update(Job).where(*_fence(job_id, attempt)).values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        raise JobLost(job_id)
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_metrics(
+    session: Session, job_id: str, attempt: int, rows: Sequence[StepMetrics]
+) -> bool:
+    """Insert one row per step, update progress, latest metrics and the heartbeat in the same
+    transaction. Returns ``cancel_requested``. Raises :class:`JobLost`."""
+    cancel = heartbeat(session, job_id, attempt)
+    if not rows:
+        return cancel
+    session.execute(insert(Metric), [{"job_id": job_id, **r.as_dict()} for r in rows])
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    latest = rows[-1].as_dict()
+    # Validation runs every eval_interval steps: carry its latest values forward so a
+    # progress display always has them, with the step they belong to.
+    val_rows = [r for r in rows if r.val_loss is not None]
+    if val_rows:
+        latest["val_step"] = val_rows[-1].step
+        latest.update({k: getattr(val_rows[-1], k) for k in _VAL_FIELDS})
+    elif job.latest_metrics and job.latest_metrics.get("val_step") is not None:
+        latest["val_step"] = job.latest_metrics["val_step"]
+        latest.update({k: job.latest_metrics.get(k) for k in _VAL_FIELDS})
+    job.latest_metrics = latest
+    job.progress = {**job.progress, "step": rows[-1].step, "tokens_seen": rows[-1].tokens_seen}
+    return cancel
+
+
+def checkpoint_key(job_id: str, checkpoint_id: str) -> str:
+    return f"checkpoints/{job_id}/{checkpoint_id}.safetensors"
+
+
+def record_checkpoint(
+    session: Session, storage: Storage, job_id: str, attempt: int, blob: CheckpointBlob,
+    keep_periodic: int,
+) -> tuple[Checkpoint, list[str]]:
+    """Store ``blob`` (atomic write, sha256) and its row. ``best`` replaces the previous best,
+    ``last`` the previous last; ``periodic`` keeps the newest ``keep_periodic``. Returns the
+    row and the storage keys of the replaced blobs. Raises :class:`JobLost`."""
+    heartbeat(session, job_id, attempt)
+    ckpt_id = new_id("ckpt")
+    key = checkpoint_key(job_id, ckpt_id)
+    size, sha = storage.put_bytes(key, blob.data)
+    kind = CheckpointKind(blob.kind)
+    row = Checkpoint(id=ckpt_id, job_id=job_id, kind=kind, step=blob.step, bytes=size,
+                     sha256=sha, storage_key=key, metrics=dict(blob.metrics))
+    old = list(session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == kind)
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+    ))
+    keep = keep_periodic - 1 if kind == CheckpointKind.PERIODIC else 0
+    stale = old[keep:]
+    for r in stale:
+        session.delete(r)
+    session.add(row)
+    session.flush()
+    return row, [r.storage_key for r in stale]
+
+
+def prepare_resume(
+    session: Session, storage: Storage, job_id: str
+) -> tuple[bytes | None, list[str]]:
+    """Pick the newest ``last``/``periodic`` checkpoint of an earlier attempt whose blob matches
+    its sha256, and cut everything after its step (metrics and checkpoints), so each step is
+    recorded exactly once. A checkpoint that fails its sha256 is never used (it is dropped).
+    Without one, the job starts over: all its metrics and checkpoints go.
+
+    Returns ``(checkpoint bytes or None, storage keys to delete after the commit)``."""
+    candidates = list(session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id,
+               Checkpoint.kind.in_([CheckpointKind.LAST, CheckpointKind.PERIODIC]))
+        .order_by(Checkpoint.step.desc())
+    ))
+    data: bytes | None = None
+    step = 0
+    doomed: list[Checkpoint] = []
+    for c in candidates:
+        blob = storage.read_bytes(c.storage_key) if storage.exists(c.storage_key) else None
+        if blob is not None and sha256_hex(blob) == c.sha256:
+            data, step = blob, c.step
+            break
+        log.warning("checkpoint %s of %s fails its sha256 or is missing; not resuming from it",
+                    c.id, job_id)
+        doomed.append(c)
+    later = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step)
+    )
+    doomed += [c for c in later if c not in doomed]
+    for c in doomed:
+        session.delete(c)
+    session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > step))
+    if data is None:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.progress = {**job.progress, "step": 0, "tokens_seen": 0}
+            job.latest_metrics = None
+    session.flush()
+    return data, [c.storage_key for c in doomed]
+
+
+def finish_job(
+    session: Session, job_id: str, attempt: int, status: JobStatus, *,
+    result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+) -> None:
+    """running -> ``status`` for this attempt. Raises :class:`JobLost` when it is not ours."""
+    try:
+        transition(session, job_id, status, expect=[S.RUNNING],
+                   where=[Job.attempts == attempt], result=result, error=error)
+    except (Conflict, NotFound) as exc:
+        raise JobLost(job_id) from exc
+
+
+def sweep_orphans(
+    session: Session, *, heartbeat_timeout_s: float, max_attempts: int,
+    now: datetime | None = None,
+) -> list[str]:
+    """Deal with running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (their
+    worker died): cancel those whose cancel was requested, fail those that used
+    ``max_attempts`` (``worker_lost``), and put the rest back to queued. Returns the ids to
+    enqueue (after the commit)."""
+    cutoff = (now or utcnow()) - timedelta(seconds=heartbeat_timeout_s)
+    stale_beat = or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
+    requeue: list[str] = []
+    for job in session.scalars(select(Job).where(Job.status == S.RUNNING, stale_beat)).all():
+        fence = [Job.attempts == job.attempts, stale_beat]
+        try:
+            if job.cancel_requested:
+                transition(session, job.id, S.CANCELLED, expect=[S.RUNNING], where=fence)
+            elif job.attempts >= max_attempts:
+                transition(
+                    session, job.id, S.FAILED, expect=[S.RUNNING], where=fence,
+                    error={"code": "worker_lost",
+                           "message": f"the job's worker stopped {job.attempts} times "
+                                      f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})"},
+                )
+            else:
+                transition(session, job.id, S.QUEUED, expect=[S.RUNNING], where=fence,
+                           worker_id=None)
+                requeue.append(job.id)
+            log.warning("job %s lost its worker (attempt %d)", job.id, job.attempts)
+        except Conflict:
+            continue  # it heartbeated or finished meanwhile
+    return requeue

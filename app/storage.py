@@ -1,0 +1,145 @@
+"""Blob storage for datasets and checkpoints behind one small interface.
+
+``LocalStorage`` keeps blobs under a directory (``Settings.storage_dir`` by default); an object
+store can implement :class:`Storage` later so that several machines share blobs. Keys are
+relative POSIX paths such as ``datasets/ds_<hex>.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from app.errors import PayloadTooLarge
+
+CHUNK_BYTES = 1 << 20
+
+
+class BlobWriter:
+    """Receives a blob chunk by chunk into a temporary file beside its destination, hashing as
+    it goes; :meth:`LocalStorage.writer` renames it into place only when the block succeeds."""
+
+    def __init__(self, fh: BinaryIO, max_bytes: int | None) -> None:
+        self._fh = fh
+        self._max = max_bytes
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        if self._max is not None and self.bytes > self._max:
+            raise PayloadTooLarge(
+                f"upload exceeds the limit of {self._max} bytes",
+                details=[{"limit_bytes": self._max}],
+            )
+        self._sha.update(chunk)
+        self._fh.write(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+class Storage(Protocol):
+    def writer(
+        self, key: str, max_bytes: int | None = None
+    ) -> AbstractContextManager[BlobWriter]:
+        """Context manager: write chunks, then the blob appears atomically at ``key``."""
+        ...
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
+    ) -> tuple[int, str]:
+        """Store ``chunks`` at ``key`` atomically; returns ``(bytes, sha256 hex)``.
+        Raises :class:`PayloadTooLarge` past ``max_bytes`` (nothing is stored then)."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK_BYTES) -> Iterator[bytes]: ...
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        ...
+
+
+class LocalStorage:
+    """Blobs as files under ``root``. Writes are atomic: temporary file, fsync, rename, fsync of
+    the directory, so a crash leaves either the old blob or the new one, never half of one."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+
+    def path(self, key: str) -> Path:
+        rel = Path(key)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"invalid storage key {key!r}")
+        return self.root / rel
+
+    @contextmanager
+    def writer(self, key: str, max_bytes: int | None = None) -> Iterator[BlobWriter]:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                w = BlobWriter(fh, max_bytes)
+                yield w
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dest.parent)
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
+    ) -> tuple[int, str]:
+        with self.writer(key, max_bytes) as w:
+            for chunk in chunks:
+                w.write(chunk)
+        return w.bytes, w.sha256
+
+    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
+        return self.put_stream(key, [data])
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK_BYTES) -> Iterator[bytes]:
+        with self.open(key) as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,208 @@
+"""``worker.runner.run_job`` called directly (no Celery) on a real SQLite file, with the real
+engine on a small real corpus, a tiny model and a few CPU steps."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.datasets import add_dataset, new_dataset_id, storage_key, text_stats
+from app.db import make_engine, make_session_factory, session_scope, upgrade_database
+from app.jobs import create_job
+from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
+from app.progress import sweep_orphans
+from app.settings import Settings
+from app.storage import LocalStorage
+from worker.runner import run_job, sweep_and_requeue
+from worker.spec import JobSpec
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+
+
+def _corpus() -> str:
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    from worker.engine.corpora import builtin_corpus
+
+    return builtin_corpus("python-docs")[:20_000]
+
+
+@dataclass
+class Env:
+    factory: sessionmaker[Session]
+    storage: LocalStorage
+    settings: Settings
+    dataset_id: str
+
+    def submit(self, tokenizer: str = "char", **training: Any) -> str:
+        spec = JobSpec.model_validate({
+            "dataset_id": self.dataset_id,
+            "tokenizer": {"kind": tokenizer, "vocab_size": 300},
+            "model": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1},
+            "training": {"batch_size": 4, "seq_len": 16, "max_steps": 12, "eval_interval": 6,
+                         "log_interval": 4, **training},
+        })
+        with session_scope(self.factory) as s:
+            return create_job(s, spec).id
+
+    def run(self, job_id: str) -> None:
+        run_job(job_id, session_factory=self.factory, storage=self.storage,
+                settings=self.settings, worker_id="test")
+
+    def job(self, job_id: str) -> Job:
+        with session_scope(self.factory) as s:
+            return s.get_one(Job, job_id)
+
+    def steps(self, job_id: str) -> list[int]:
+        with session_scope(self.factory) as s:
+            return list(s.scalars(select(Metric.step).where(Metric.job_id == job_id)
+                                  .order_by(Metric.step)))
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        with session_scope(self.factory) as s:
+            return list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                  .order_by(Checkpoint.kind)))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    settings = Settings(LMFORGE_HOME=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'r.db'}")
+    upgrade_database(settings.sqlalchemy_url)
+    factory = make_session_factory(make_engine(settings.sqlalchemy_url))
+    storage = LocalStorage(settings.storage_dir)
+    text = _corpus()
+    ds = new_dataset_id()
+    size, sha = storage.put_bytes(storage_key(ds), text.encode())
+    with session_scope(factory) as s:
+        add_dataset(s, ds, "corpus", size, sha, text_stats(text))
+    return Env(factory, storage, settings, ds)
+
+
+def test_run_job_succeeds_with_each_step_once_and_checkpoints_stored(env: Env) -> None:
+    job_id = env.submit()
+    env.run(job_id)
+    job = env.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 1 and job.finished_at is not None and job.error is None
+    assert env.steps(job_id) == list(range(1, 13))
+    assert job.progress == {"step": 12, "total_steps": 12, "tokens_seen": 12 * 4 * 16}
+    assert job.result is not None and job.result["stop_reason"] == "max_steps"
+    assert job.result["steps"] == 12
+    ckpts = env.checkpoints(job_id)
+    assert [c.kind.value for c in ckpts] == ["best", "last"]
+    for c in ckpts:
+        data = env.storage.read_bytes(c.storage_key)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (c.bytes, c.sha256)
+
+
+def test_duplicate_delivery_of_a_claimed_job_does_nothing(env: Env) -> None:
+    job_id = env.submit()
+    env.run(job_id)
+    before = env.job(job_id)
+    env.run(job_id)  # the broker redelivers the same message
+    after = env.job(job_id)
+    assert (after.attempts, after.finished_at, after.status) == (
+        before.attempts, before.finished_at, JobStatus.SUCCEEDED)
+    assert env.steps(job_id) == list(range(1, 13))
+
+
+def test_cancel_requested_stops_the_run_with_a_last_checkpoint(env: Env) -> None:
+    job_id = env.submit(max_steps=1000, log_interval=2)
+    with session_scope(env.factory) as s:  # as if the cancel arrived just after the claim
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    env.run(job_id)
+    job = env.job(job_id)
+    assert job.status == JobStatus.CANCELLED
+    assert job.result is not None and job.result["stop_reason"] == "cancelled"
+    assert env.steps(job_id) == [1, 2]
+    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]
+
+
+def test_training_error_fails_the_job_with_its_code(env: Env) -> None:
+    # BPE token counts are unknown before training its vocabulary: the worker checks them.
+    job_id = env.submit("bpe", batch_size=64, seq_len=512)
+    env.run(job_id)
+    job = env.job(job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error is not None and job.error["code"] == "corpus_too_small"
+
+
+def test_missing_dataset_blob_fails_with_dataset_error(env: Env) -> None:
+    job_id = env.submit()
+    env.storage.delete(storage_key(env.dataset_id))
+    env.run(job_id)
+    job = env.job(job_id)
+    assert (job.status, job.error and job.error["code"]) == (JobStatus.FAILED, "dataset_error")
+
+
+def test_requeued_job_resumes_from_its_last_checkpoint_recording_each_step_once(
+    env: Env,
+) -> None:
+    reference = env.submit()
+    env.run(reference)
+    job_id = env.submit(log_interval=2, checkpoint_interval=4)
+    with session_scope(env.factory) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    env.run(job_id)  # stops at step 2 with a last checkpoint, like a worker going away
+    with session_scope(env.factory) as s:  # what the sweep does for a dead worker
+        s.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.QUEUED, cancel_requested=False, finished_at=None, result=None))
+    env.run(job_id)
+    job = env.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2
+    assert env.steps(job_id) == list(range(1, 13))
+    with session_scope(env.factory) as s:
+        losses = {jid: list(s.scalars(select(Metric.train_loss).where(Metric.job_id == jid)
+                                      .order_by(Metric.step)))
+                  for jid in (reference, job_id)}
+    assert losses[job_id] == pytest.approx(losses[reference], rel=1e-5)
+
+
+def _running(env: Env, *, attempts: int, age_s: float, cancel: bool = False) -> str:
+    job_id = env.submit()
+    with session_scope(env.factory) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.RUNNING, attempts=attempts, cancel_requested=cancel,
+            heartbeat_at=utcnow() - timedelta(seconds=age_s)))
+    return job_id
+
+
+def test_sweep_requeues_a_job_whose_heartbeat_is_stale(env: Env) -> None:
+    stale = _running(env, attempts=1, age_s=600)
+    fresh = _running(env, attempts=1, age_s=1)
+
+    class Recorder:
+        sent: list[str] = []
+
+        def enqueue(self, job_id: str) -> None:
+            self.sent.append(job_id)
+
+        def ping(self) -> bool:
+            return True
+
+    rec = Recorder()
+    assert sweep_and_requeue(env.factory, rec, env.settings) == [stale]
+    assert rec.sent == [stale]
+    assert env.job(stale).status == JobStatus.QUEUED
+    assert env.job(fresh).status == JobStatus.RUNNING
+
+
+def test_sweep_fails_a_job_that_used_its_attempts_and_cancels_a_cancelled_one(
+    env: Env,
+) -> None:
+    spent = _running(env, attempts=env.settings.max_attempts, age_s=600)
+    cancelled = _running(env, attempts=1, age_s=600, cancel=True)
+    with session_scope(env.factory) as s:
+        assert sweep_orphans(s, heartbeat_timeout_s=120, max_attempts=3) == []
+    job = env.job(spent)
+    assert (job.status, job.error and job.error["code"]) == (JobStatus.FAILED, "worker_lost")
+    assert env.job(cancelled).status == JobStatus.CANCELLED
+    with session_scope(env.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Metric)) == 0

@@ -1,0 +1,238 @@
+"""The job runner: turns a job id into a training run, with the database as the record.
+
+``run_job`` claims the job (a conditional update: a duplicate delivery returns quietly), reads
+its texts from storage, trains through :class:`DatabaseHooks` (metrics and checkpoints written
+one short transaction at a time, never one transaction for the whole run), and finishes the job
+as succeeded, failed or cancelled. A background heartbeat keeps ``jobs.heartbeat_at`` fresh so
+that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
+
+No torch at import: the engine is imported inside :func:`run_job`, i.e. in the pool child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import session_scope
+from app.jobs import load_spec
+from app.models import Dataset, JobStatus
+from app.progress import (
+    JobLost,
+    claim_job,
+    finish_job,
+    heartbeat,
+    prepare_resume,
+    record_checkpoint,
+    record_metrics,
+    sweep_orphans,
+)
+from app.queue import Enqueuer
+from app.settings import Settings
+from app.storage import Storage
+from worker.engine.hooks import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
+from worker.spec import DatasetSource, JobSpec
+
+log = logging.getLogger(__name__)
+
+SessionFactory = sessionmaker[Session]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DatabaseHooks:
+    """:class:`worker.engine.hooks.TrainingHooks` writing to the database and storage.
+
+    ``should_stop`` is free: it returns a flag refreshed by every metrics flush and heartbeat
+    (``cancel_requested``), or set when the job was taken from this attempt."""
+
+    def __init__(self, job_id: str, attempt: int, factory: SessionFactory, storage: Storage,
+                 keep_periodic: int) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        self._factory, self._storage, self._keep = factory, storage, keep_periodic
+        self.cancel_requested = False
+        self.lost = False
+
+    def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
+        if self.lost:
+            return
+        try:
+            with session_scope(self._factory) as s:
+                cancel = record_metrics(s, self.job_id, self.attempt, rows)
+            self.cancel_requested = self.cancel_requested or cancel
+        except JobLost:
+            self._mark_lost()
+
+    def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
+        if self.lost:
+            return
+        try:
+            with session_scope(self._factory) as s:
+                row, stale = record_checkpoint(s, self._storage, self.job_id, self.attempt,
+                                               checkpoint, self._keep)
+        except JobLost:
+            self._mark_lost()
+            return
+        for key in stale:
+            self._storage.delete(key)
+        log.info("job %s: %s checkpoint %s at step %d", self.job_id, row.kind.value, row.id,
+                 row.step)
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested or self.lost
+
+    def beat(self) -> None:
+        try:
+            with session_scope(self._factory) as s:
+                cancel = heartbeat(s, self.job_id, self.attempt)
+            self.cancel_requested = self.cancel_requested or cancel
+        except JobLost:
+            self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        if not self.lost:
+            log.warning("job %s attempt %d was taken from this worker; stopping", self.job_id,
+                        self.attempt)
+        self.lost = True
+
+
+class _Heartbeat(threading.Thread):
+    """Beats every ``interval_s`` while the engine computes (an evaluation or a slow step may
+    outlast several metrics flushes)."""
+
+    def __init__(self, hooks: DatabaseHooks, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{hooks.job_id}", daemon=True)
+        self._hooks, self._interval, self._done = hooks, interval_s, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                self._hooks.beat()
+            except Exception:  # a transient database error must not end the run
+                log.warning("heartbeat of %s failed", self._hooks.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+def _read_source(source: DatasetSource, factory: SessionFactory, storage: Storage) -> str:
+    if source.builtin is not None:
+        from worker.engine.corpora import builtin_corpus
+
+        return builtin_corpus(source.builtin)
+    if source.id is None:
+        raise TrainingError("dataset_error", "a job run by the service cannot read a 'path'")
+    return _read_dataset(source.id, factory, storage)
+
+
+def _read_dataset(dataset_id: str, factory: SessionFactory, storage: Storage) -> str:
+    with session_scope(factory) as s:
+        row = s.get(Dataset, dataset_id)
+        key = None if row is None else row.storage_key
+    if key is None or not storage.exists(key):
+        raise TrainingError("dataset_error", f"dataset {dataset_id} is missing from storage")
+    try:
+        return storage.read_bytes(key).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainingError("dataset_error", f"dataset {dataset_id} is not UTF-8: {exc}") from exc
+
+
+def load_texts(spec: JobSpec, factory: SessionFactory, storage: Storage) -> CorpusTexts:
+    """The job's texts, decoded. Raises ``TrainingError("dataset_error")``."""
+    assert spec.dataset is not None
+    emb = spec.model.pretrained_embeddings
+    return CorpusTexts(
+        train=_read_source(spec.dataset, factory, storage),
+        validation=None if spec.validation is None
+        else _read_source(spec.validation, factory, storage),
+        test=None if spec.test is None else _read_source(spec.test, factory, storage),
+        embeddings=None if emb is None or emb.dataset_id is None
+        else _read_dataset(emb.dataset_id, factory, storage),
+    )
+
+
+def run_job(
+    job_id: str,
+    *,
+    session_factory: SessionFactory,
+    storage: Storage,
+    settings: Settings,
+    worker_id: str | None = None,
+) -> None:
+    """Run job ``job_id`` to a terminal state, or return at once if it is not queued.
+
+    A ``TrainingError`` fails the job with its code; any other exception fails it with
+    ``internal_error`` (traceback in the log). A job with a ``last``/``periodic`` checkpoint
+    from an earlier attempt resumes from it (sha256 checked first)."""
+    with session_scope(session_factory) as s:
+        job = claim_job(s, job_id, worker_id or default_worker_id())
+        if job is None:
+            return
+        attempt, spec_json = job.attempts, job.spec
+    log.info("job %s: attempt %d started", job_id, attempt)
+    spec = load_spec(spec_json)
+    hooks = DatabaseHooks(job_id, attempt, session_factory, storage,
+                          spec.training.keep_checkpoints)
+    beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
+    status, result, error = JobStatus.FAILED, None, None
+    try:
+        with session_scope(session_factory) as s:
+            resume_from, stale = prepare_resume(s, storage, job_id)
+        for key in stale:
+            storage.delete(key)
+        texts = load_texts(spec, session_factory, storage)
+        beat.start()
+        from worker.engine.trainer import train  # torch: only here, in the pool child
+
+        outcome = train(spec, texts, hooks, resume_from=resume_from)
+        result = outcome.as_dict()
+        status = JobStatus.CANCELLED if outcome.stop_reason == "cancelled" else \
+            JobStatus.SUCCEEDED
+    except TrainingError as exc:
+        log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
+        error = exc.as_dict()
+    except Exception as exc:
+        log.exception("job %s: internal error", job_id)
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if beat.is_alive():
+            beat.stop()
+    if hooks.lost:
+        return
+    try:
+        with session_scope(session_factory) as s:
+            finish_job(s, job_id, attempt, status, result=result, error=error)
+        log.info("job %s: %s", job_id, status.value)
+    except JobLost:
+        log.warning("job %s was taken from attempt %d before it finished", job_id, attempt)
+
+
+def sweep_and_requeue(
+    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings
+) -> list[str]:
+    """Re-enqueue running jobs whose worker died (stale heartbeat); see
+    :func:`app.progress.sweep_orphans`. A job whose enqueue fails is marked failed
+    (``enqueue_failed``), as in the API. Returns the re-enqueued ids."""
+    from app.jobs import mark_enqueue_failed
+
+    with session_scope(session_factory) as s:
+        ids = sweep_orphans(s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                            max_attempts=settings.max_attempts)
+    done = []
+    for job_id in ids:
+        try:
+            enqueuer.enqueue(job_id)
+            done.append(job_id)
+        except Exception as exc:
+            log.exception("re-enqueue of %s failed", job_id)
+            with session_scope(session_factory) as s:
+                mark_enqueue_failed(s, job_id, f"{type(exc).__name__}: {exc}")
+    return done
