@@ -188,12 +188,8 @@ def validate_sources(session: Session, spec: JobSpec) -> None:
 
 def load_spec(stored: dict[str, Any]) -> JobSpec:
     """The ``JobSpec`` of a stored job, in canonical form: the data named once, as
-    ``dataset``, with ``dataset_id`` None.
-
-    ``JobSpec`` fills ``dataset`` from ``dataset_id`` and then refuses a dump holding both, so
-    neither the stored spec nor a checkpoint's copy of it would validate again. The canonical
-    form (``model_copy`` does not re-run the validator) round-trips through
-    ``model_dump``/``model_validate``, which the engine's resume needs."""
+    ``dataset``, with ``dataset_id`` None, so that the spec the engine writes into a
+    checkpoint compares equal to the one a resume of the same job reads back."""
     data = dict(stored)
     if data.get("dataset") is not None:
         data.pop("dataset_id", None)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Quality benchmarks of the engine (docs/benchmarks.md).
+
+``shakespeare``: tinyshakespeare char-level, first 90% train / last 10% validation, LSTM 2x256
+(embedding 128), dropout 0.2; goal: best validation loss <= 1.50 nats/char.
+
+``wikitext``: WikiText-2 word-level, trained on valid.txt (first 90% train, last 10%
+validation), tested on test.txt with the best weights; the same budget is run by the bare loop
+bench/ref_word_loop.py and both test perplexities are reported.
+
+    nice .venv/bin/python bench/quality.py shakespeare --json bench/results/shakespeare.json
+    nice .venv/bin/python bench/quality.py wikitext --steps 1200 --json bench/results/wikitext.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from worker.engine.hooks import CorpusTexts  # noqa: E402
+from worker.engine.trainer import train  # noqa: E402
+from worker.spec import JobSpec  # noqa: E402
+
+
+class PrintHooks:
+    def on_metrics(self, rows):  # noqa: ANN001
+        for r in rows:
+            if r.val_loss is not None:
+                print(f"step {r.step} epoch {r.epoch:.2f} train {r.train_loss:.4f} "
+                      f"val {r.val_loss:.4f} ({r.tokens_per_s:,.0f} tok/s, "
+                      f"{r.elapsed_s:.0f}s)", flush=True)
+
+    def on_checkpoint(self, checkpoint):  # noqa: ANN001
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def shakespeare(a: argparse.Namespace) -> dict:
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    spec = JobSpec.model_validate({
+        "dataset": {"path": "input.txt"},
+        "model": {"embed_dim": 128, "hidden_dim": 256, "num_layers": 2, "dropout": 0.2},
+        "optimizer": {"name": "adam", "lr": a.lr},
+        "schedule": {"kind": "cosine", "warmup_steps": 100, "min_lr": a.lr / 10},
+        "training": {"batch_size": 32, "seq_len": 64, "max_steps": a.steps,
+                     "eval_interval": 250, "grad_clip": 1.0, "num_threads": a.threads,
+                     "max_runtime_s": a.max_runtime_s, "log_interval": 50},
+        "val_fraction": 0.1,
+    })
+    res = train(spec, CorpusTexts(train=text), PrintHooks())
+    return {"spec": spec.model_dump(mode="json"), "result": res.as_dict(),
+            "goal_val_loss": 1.50, "met": (res.best_val_loss or 9) <= 1.50}
+
+
+def wikitext(a: argparse.Namespace) -> dict:
+    train_file, test_file = DATA / "wikitext-2" / "valid.txt", DATA / "wikitext-2" / "test.txt"
+    spec = JobSpec.model_validate({
+        "dataset": {"path": str(train_file)}, "test": {"path": str(test_file)},
+        "tokenizer": {"kind": "word"},
+        "model": {"embed_dim": 200, "hidden_dim": 200, "num_layers": 2, "dropout": 0.2},
+        "optimizer": {"name": "adam", "lr": 2e-3},
+        "training": {"batch_size": 20, "seq_len": 35, "max_steps": a.steps,
+                     "eval_interval": 200, "grad_clip": 0.25, "num_threads": a.threads,
+                     "log_interval": 50},
+        "val_fraction": 0.1,
+    })
+    t0 = time.perf_counter()
+    res = train(spec, CorpusTexts(train=train_file.read_text(encoding="utf-8"),
+                                  test=test_file.read_text(encoding="utf-8")), PrintHooks())
+    engine_wall = time.perf_counter() - t0
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ref_word_loop.py"), str(train_file),
+         str(test_file), "--steps", str(a.steps), "--eval-every", "200",
+         "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"engine": {**res.as_dict(), "wall_s": engine_wall}, "ref": ref,
+            "test_ppl_engine": res.test_ppl, "test_ppl_ref": ref["test_ppl"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("which", choices=["shakespeare", "wikitext"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-runtime-s", type=float, default=1500.0)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if a.which == "shakespeare":
+        a.steps = a.steps or 5000
+        summary = shakespeare(a)
+    else:
+        a.steps = a.steps or 1200
+        summary = wikitext(a)
+    print(json.dumps(summary, indent=2, default=str))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Token-weighted evaluation over a whole split.
+
+The loss is ``sum of per-token cross-entropies / number of predicted tokens`` (nats/token),
+accumulated on the device and read once; never a mean of batch means. Every token of the split
+except the first is predicted exactly once (see :func:`worker.engine.data.eval_streams`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.data import eval_streams
+from worker.engine.model import LSTMLanguageModel
+
+LN2 = math.log(2.0)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or ``inf`` when that overflows a float (never raises)."""
+    if math.isnan(loss):
+        return math.nan
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats/token
+    ppl: float
+    bpc: float | None  # bits per character (char tokenizer: one token per character)
+    accuracy: float  # top-1 next-token accuracy in [0, 1]
+    top5_accuracy: float
+    tokens: int  # predicted tokens
+
+    def as_metrics(self, prefix: str) -> dict[str, float | None]:
+        return {f"{prefix}_loss": self.loss, f"{prefix}_ppl": self.ppl,
+                f"{prefix}_bpc": self.bpc, f"{prefix}_accuracy": self.accuracy,
+                f"{prefix}_top5_accuracy": self.top5_accuracy}
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_len: int,
+             device: torch.device, char_level: bool = False,
+             autocast_dtype: torch.dtype | None = None) -> EvalResult:
+    """Evaluate ``model`` on the token stream ``ids`` (N,) int64, N >= 2.
+
+    The split is cut into ``batch_size`` streams (each from a zero hidden state) read in
+    windows of ``seq_len`` with the hidden state carried. ``bpc = loss / ln 2`` when
+    ``char_level`` (one token per character), else None. Leaves the model in train mode.
+    """
+    was_training = model.training
+    model.eval()
+    x_all, y_all = eval_streams(ids, batch_size)
+    x_all = x_all.to(device, non_blocking=True)
+    y_all = y_all.to(device, non_blocking=True)
+    vocab = model.config.vocab_size
+    k = min(5, vocab)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    hidden = None
+    for pos in range(0, x_all.size(1), seq_len):
+        x = x_all[:, pos : pos + seq_len]
+        y = y_all[:, pos : pos + seq_len].reshape(-1)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            logits, hidden = model(x, hidden)
+        logits = logits.reshape(-1, vocab).float()  # (batch * seq, vocab)
+        total += F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").double()
+        mask = y != -100
+        best = logits.topk(k, dim=-1).indices  # (batch * seq, k)
+        hit = best == y.unsqueeze(1)
+        top1 += (hit[:, 0] & mask).sum()
+        top5 += (hit.any(dim=1) & mask).sum()
+    n = int((y_all != -100).sum())
+    loss = float(total) / n
+    model.train(was_training)
+    return EvalResult(
+        loss=loss,
+        ppl=perplexity(loss),
+        bpc=loss / LN2 if char_level else None,
+        accuracy=int(top1) / n,
+        top5_accuracy=int(top5) / n,
+        tokens=n,
+    )

@@ -1,0 +1,96 @@
+"""Learning-rate schedules and the validation-driven counters (plateau, early stopping).
+
+All state is plain Python numbers so it goes into a checkpoint's JSON exactly (``json`` writes
+floats with ``repr``, which round-trips bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from worker.spec import EarlyStoppingSpec, ScheduleSpec
+
+
+@dataclass
+class LRSchedule:
+    """``lr_at(step)`` for the 1-based optimizer step.
+
+    - warm-up (every kind): ``lr * step / warmup_steps`` for ``step <= warmup_steps``;
+    - ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2``,
+      ``p = (step - warmup) / (total_steps - warmup)`` (SGDR, Loshchilov & Hutter 2017, without
+      restarts, as nanoGPT's ``get_lr``);
+    - ``step``: ``lr * gamma ** ((step - 1) // step_size)`` (torch ``StepLR``);
+    - ``plateau``: ``lr * scale``, where :meth:`on_eval` multiplies ``scale`` by ``factor``
+      after more than ``patience`` evaluations without a new best (torch
+      ``ReduceLROnPlateau``; patience 0 and factor 0.25 is word_language_model's ``lr /= 4``),
+      floored at ``min_lr``.
+    """
+
+    spec: ScheduleSpec
+    base_lr: float
+    total_steps: int
+    scale: float = 1.0
+    plateau_best: float = math.inf
+    plateau_bad: int = 0
+
+    def lr_at(self, step: int) -> float:
+        s = self.spec
+        if s.warmup_steps and step <= s.warmup_steps:
+            return self.base_lr * step / s.warmup_steps
+        if s.kind == "cosine":
+            span = max(1, self.total_steps - s.warmup_steps)
+            p = min(1.0, (step - s.warmup_steps) / span)
+            return s.min_lr + (self.base_lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+        if s.kind == "step":
+            return self.base_lr * s.gamma ** ((step - 1) // s.step_size)
+        if s.kind == "plateau":
+            return max(s.min_lr, self.base_lr * self.scale)
+        return self.base_lr
+
+    def on_eval(self, val_loss: float) -> None:
+        if self.spec.kind != "plateau":
+            return
+        if val_loss < self.plateau_best:
+            self.plateau_best, self.plateau_bad = val_loss, 0
+            return
+        self.plateau_bad += 1
+        if self.plateau_bad > self.spec.patience:
+            self.scale *= self.spec.factor
+            self.plateau_bad = 0
+
+    def state(self) -> dict[str, float | int]:
+        return {"scale": self.scale, "plateau_best": self.plateau_best,
+                "plateau_bad": self.plateau_bad}
+
+    def load(self, state: dict[str, float | int]) -> None:
+        self.scale = float(state["scale"])
+        self.plateau_best = float(state["plateau_best"])
+        self.plateau_bad = int(state["plateau_bad"])
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` evaluations in a row without beating the best validation loss
+    by at least ``min_delta`` nats."""
+
+    spec: EarlyStoppingSpec | None
+    best: float = math.inf
+    bad: int = 0
+
+    def on_eval(self, val_loss: float) -> bool:
+        """Record an evaluation; True when the run should stop."""
+        if self.spec is None:
+            return False
+        if val_loss < self.best - self.spec.min_delta:
+            self.best, self.bad = val_loss, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.spec.patience
+
+    def state(self) -> dict[str, float | int]:
+        return {"best": self.best, "bad": self.bad}
+
+    def load(self, state: dict[str, float | int]) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+

@@ -1,0 +1,188 @@
+"""The training loop. Reads top to bottom like nanoGPT's ``train.py`` and PyTorch's
+``examples/word_language_model/main.py``: config, device, seed, data, model, optimizer,
+schedule, loop (truncated BPTT, clip, step, evaluate, checkpoint, stop), test.
+
+Exact resume: a ``last``/``periodic`` checkpoint carries weights, optimizer state, the CPU (and
+CUDA) generator state, the carried hidden state, the step (the data position is a function of
+it, see :mod:`worker.engine.data`) and the schedule / early-stopping / best-so-far state, so a
+resumed run reports the same metrics as an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import torch
+
+from worker.engine.checkpoint import load_checkpoint
+from worker.engine.data import TrainBatches, batchify, encode_splits
+from worker.engine.embeddings import load_pretrained
+from worker.engine.evaluate import evaluate, perplexity
+from worker.engine.hooks import CorpusTexts, TrainingError, TrainingHooks, TrainingResult
+from worker.engine.loop import RunState, TrainLoop
+from worker.engine.model import ModelConfig, build_model
+from worker.engine.schedule import EarlyStopping, LRSchedule
+from worker.engine.splits import split_texts
+from worker.engine.tokenizers import build_tokenizer
+from worker.spec import JobSpec, OptimizerSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available else ``cpu``. Raises ``TrainingError``
+    (``device_unavailable`` for CUDA without CUDA, ``invalid_spec`` for an unknown name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError("invalid_spec", f"unknown device {name!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device_unavailable",
+                            f"device {name!r} was asked for but CUDA is not available here; "
+                            f"use 'auto' or 'cpu'")
+    return dev
+
+
+def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
+                   device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD (momentum, Nesterov). Fused kernels on CUDA (they also let the loop
+    skip a non-finite step without a host sync, via ``found_inf``); on the CPU the fused
+    kernel is used too (measured faster than the per-parameter loop, docs/benchmarks.md)."""
+    fused = device.type in ("cuda", "cpu")
+    if spec.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                   weight_decay=spec.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                           weight_decay=spec.weight_decay, fused=fused)
+
+
+def budget_steps(spec: JobSpec, batches: TrainBatches) -> int:
+    """The step at which the first of max_steps / max_epochs / max_tokens holds (the horizon
+    of the cosine schedule)."""
+    t = spec.training
+    n = t.max_steps
+    if t.max_epochs is not None:
+        n = min(n, math.ceil(t.max_epochs * batches.batches_per_epoch))
+    if t.max_tokens is not None:
+        n = min(n, math.ceil(t.max_tokens / batches.tokens_per_batch))
+    return max(1, n)
+
+
+def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
+          resume_from: bytes | None = None, device: str | None = None) -> TrainingResult:
+    """Train the model ``spec`` describes on ``texts``, reporting through ``hooks``.
+
+    ``resume_from``: the bytes of a ``last`` or ``periodic`` checkpoint of the same spec and
+    texts. ``device`` overrides ``spec.training.device``. Raises :class:`TrainingError`
+    (``corpus_too_small``, ``non_finite_loss``, ``invalid_checkpoint``,
+    ``device_unavailable``, ``invalid_spec``).
+    """
+    t = spec.training
+    # -- device, threads, seed ------------------------------------------------------------
+    dev = resolve_device(device or t.device)
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
+    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+    if ckpt is not None and ckpt.optimizer_state is None:
+        raise TrainingError("invalid_checkpoint",
+                            f"a {ckpt.kind!r} checkpoint holds weights only; resume from a "
+                            f"'last' or 'periodic' checkpoint")
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)  # also seeds every CUDA device
+
+    # -- data ------------------------------------------------------------------------------
+    parts = split_texts(spec, texts)
+    tok = ckpt.tokenizer if ckpt is not None else build_tokenizer(spec.tokenizer, parts.train)
+    corpus = encode_splits(spec, parts, tok)
+    train_data = batchify(corpus.train, t.batch_size)  # (batch, n)
+    if dev.type == "cuda":
+        train_data = train_data.pin_memory()
+    batches = TrainBatches(train_data.to(dev, non_blocking=True), t.seq_len)
+    log.info("data: %d train / %d val / %s test tokens, vocab %d, %d batches per epoch",
+             corpus.train.numel(), corpus.validation.numel(),
+             None if corpus.test is None else corpus.test.numel(), tok.vocab_size,
+             batches.batches_per_epoch)
+
+    # -- model -----------------------------------------------------------------------------
+    m = spec.model
+    config = ModelConfig(tok.vocab_size, m.embed_dim, m.hidden_dim, m.num_layers, m.dropout,
+                         m.tie_weights, m.init_range)
+    model = build_model(config)  # initialised on the CPU from the seed: same on every device
+    coverage = None
+    if m.pretrained_embeddings is not None:
+        if texts.embeddings is None:
+            raise TrainingError("invalid_spec", "model.pretrained_embeddings is set but no "
+                                "embeddings text was supplied")
+        coverage = load_pretrained(model, tok, texts.embeddings, m.pretrained_embeddings.freeze)
+    if ckpt is not None:
+        if ckpt.model_config != config:
+            raise TrainingError("invalid_checkpoint",
+                                f"checkpoint model {ckpt.model_config} does not match the "
+                                f"spec's {config}")
+        model.load_state_dict(ckpt.model_state, strict=False)
+    model.to(dev)
+
+    # -- optimizer and schedule ------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(spec.optimizer, params, dev)
+    schedule = LRSchedule(spec.schedule, spec.optimizer.lr, budget_steps(spec, batches))
+    stopper = EarlyStopping(t.early_stopping)
+    state = RunState()
+    hidden = None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)  # type: ignore[arg-type]
+        ts = ckpt.trainer_state
+        schedule.load(ts["schedule"])
+        stopper.load(ts["early_stopping"])
+        state.load(ts)
+        state.best_weights = ({k: v.to(dev) for k, v in ckpt.best_state.items()}
+                              if ckpt.best_state else None)
+        torch.set_rng_state(ckpt.rng["cpu"])
+        if dev.type == "cuda":
+            cuda_states = [v for k, v in sorted(ckpt.rng.items()) if k.startswith("cuda.")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+        if ckpt.hidden is not None:
+            hidden = (ckpt.hidden[0].to(dev), ckpt.hidden[1].to(dev))
+        log.info("resumed from step %d", state.step)
+
+    # -- loop ------------------------------------------------------------------------------
+    loop = TrainLoop(spec=spec, model=model, optimizer=optimizer, schedule=schedule,
+                     stopper=stopper, batches=batches, corpus=corpus, tokenizer=tok,
+                     hooks=hooks, device=dev, state=state, hidden=hidden)
+    stop_reason = loop.run()
+
+    # -- test with the best weights --------------------------------------------------------
+    test = None
+    if corpus.test is not None:
+        if state.best_weights is not None:
+            model.load_state_dict(state.best_weights, strict=False)
+        test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
+                        char_level=tok.kind == "char", autocast_dtype=loop.autocast_dtype)
+    best, final = state.best_val_loss, state.final_val_loss
+    return TrainingResult(
+        steps=state.step,
+        epochs=batches.epoch_of(state.step),
+        tokens_seen=state.step * batches.tokens_per_batch,
+        duration_s=loop.elapsed(),
+        train_tokens_per_s=loop.train_tokens_per_s(),
+        stop_reason=stop_reason,
+        final_val_loss=final,
+        final_val_ppl=None if final is None else perplexity(final),
+        best_val_loss=None if math.isinf(best) else best,
+        best_val_ppl=None if math.isinf(best) else perplexity(best),
+        best_step=state.best_step,
+        vocab_size=tok.vocab_size,
+        num_params=model.num_params(),
+        test_loss=None if test is None else test.loss,
+        test_ppl=None if test is None else test.ppl,
+        test_bpc=None if test is None else test.bpc,
+        test_accuracy=None if test is None else test.accuracy,
+        test_top5_accuracy=None if test is None else test.top5_accuracy,
+        embedding_coverage=coverage,
+    )
