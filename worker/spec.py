@@ -200,6 +200,8 @@ class JobSpec(_Strict):
 
 
 StopReason = Annotated[
-    Literal["max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"],
+    Literal[
+        "max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"
+    ],
     "why the run ended",
 ]

@@ -1,0 +1,179 @@
+"""The ``lmforge`` command.
+
+    lmforge up [--host H] [--port P]        everything on one machine (embedded Redis, SQLite)
+    lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
+    lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
+    lmforge db upgrade                      upgrade the database schema to the newest revision
+    lmforge train SPEC.json --output DIR    train without any service
+    lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
+
+Each subcommand imports only what it needs: ``up`` and ``api`` never import torch, and
+``worker`` leaves torch to the task inside the forked pool process (FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from app.supervisor import run_up  # noqa: PLC0415
+
+    return run_up(args.host, args.port, concurrency=args.concurrency)
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        # A supervisor or a load balancer stops us; do not wait long for keep-alive clients.
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    # billiard reads REMAP_SIGTERM at import time: a SIGTERM (docker stop, `lmforge up`
+    # stopping) then does a cold shutdown that gives the running task
+    # `worker_soft_shutdown_timeout` seconds to save a checkpoint and requeues its message,
+    # instead of a warm shutdown that would wait for a training run to finish.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from worker.celery_app import celery  # noqa: PLC0415 - no torch here, by contract
+
+    argv = [
+        "worker",
+        # prefork is the only pool that survives every shutdown path (FIELD-NOTES.md).
+        "--pool=prefork",
+        f"--concurrency={args.concurrency}",
+        f"--loglevel={args.loglevel}",
+        # We use neither revokes nor worker events; skipping them saves seconds of start-up.
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if args.queues:
+        argv.append(f"--queues={args.queues}")
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    celery.worker_main(argv)
+    return 0
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from app.db import upgrade_database  # noqa: PLC0415
+    from app.settings import get_settings  # noqa: PLC0415
+
+    settings = get_settings()
+    if settings.database_url is None:
+        settings.lmforge_home.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.sqlalchemy_url)
+    print(f"database upgraded: {_redact(settings.sqlalchemy_url)}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from worker.local import train_command  # noqa: PLC0415 - imports torch
+
+    return int(train_command(Path(args.spec), Path(args.output)))
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from worker.local import sample_command  # noqa: PLC0415 - imports torch
+
+    return int(
+        sample_command(
+            Path(args.checkpoint),
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="LMForge: a REST service for training LSTM language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="run the API, a worker and (unless REDIS_URL is set) an embedded Redis",
+        description="Run everything on one machine. Ctrl-C or SIGTERM stops it all.",
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--concurrency", type=int, default=1, help="training jobs at a time")
+    up.set_defaults(func=_cmd_up)
+
+    api = sub.add_parser("api", help="serve the HTTP API (app.main:app)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    api.set_defaults(func=_cmd_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker that trains jobs")
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="jobs at a time; use one per GPU (default 1)"
+    )
+    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--queues", default=None, help="comma-separated queues (default: lmforge)")
+    worker.add_argument("--hostname", default=None, help="Celery node name")
+    worker.set_defaults(func=_cmd_worker)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    upgrade = db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision")
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+
+    train = sub.add_parser("train", help="train a model locally, without the service")
+    train.add_argument("spec", metavar="SPEC.json", help="a job spec (JSON)")
+    train.add_argument("--output", required=True, metavar="DIR", help="checkpoints and metrics")
+    train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser("sample", help="sample text from a checkpoint file")
+    sample.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
+    sample.add_argument("--prompt", default="")
+    sample.add_argument("--max-new-tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=_cmd_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

