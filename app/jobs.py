@@ -30,7 +30,8 @@ TERMINAL_STATES: frozenset[JobStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.CANC
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     # failed: the enqueue after the commit failed (enqueue_failed).
     S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    # queued: the orphan sweep hands a job whose worker died back to the queue.
+    # queued: the orphan sweep hands a job whose worker died back to the queue, and a worker
+    # that is shutting down hands back the job it was running (app.progress.requeue_interrupted).
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
     **{s: frozenset() for s in TERMINAL_STATES},
 }

@@ -1,5 +1,5 @@
 """The runner's side of a job in the database: claim, heartbeat, metrics, checkpoints, resume,
-finish, and the sweep of orphaned jobs.
+finish, requeue after a worker shutdown, and the sweep of orphaned jobs.
 
 Every write of a running job is fenced by its attempt number (``jobs.attempts``, incremented by
 each claim): a worker that lost its job to the sweep (it stopped heartbeating, then woke up)
@@ -173,6 +173,21 @@ def finish_job(
     try:
         transition(session, job_id, status, expect=[S.RUNNING],
                    where=[Job.attempts == attempt], result=result, error=error)
+    except (Conflict, NotFound) as exc:
+        raise JobLost(job_id) from exc
+
+
+def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
+    """running -> queued for an attempt that stopped because its worker is shutting down (it
+    saved a ``last`` checkpoint first). The attempt is given back (``attempts - 1``): a
+    graceful interruption is not the job's fault and does not count toward
+    ``LMFORGE_MAX_ATTEMPTS``; the next claim takes the same number again. Only when no cancel
+    was requested: a cancel wins. Raises :class:`JobLost` when the job is not this attempt's
+    or its cancel was requested (the caller then finishes it as cancelled)."""
+    try:
+        transition(session, job_id, S.QUEUED, expect=[S.RUNNING],
+                   where=[Job.attempts == attempt, Job.cancel_requested.is_(False)],
+                   attempts=Job.attempts - 1, worker_id=None)
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
 

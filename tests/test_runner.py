@@ -4,6 +4,7 @@ engine on a small real corpus, a tiny model and a few CPU steps."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -206,3 +207,66 @@ def test_sweep_fails_a_job_that_used_its_attempts_and_cancels_a_cancelled_one(
     assert env.job(cancelled).status == JobStatus.CANCELLED
     with session_scope(env.factory) as s:
         assert s.scalar(select(func.count()).select_from(Metric)) == 0
+
+
+class _SetAfterClaim(threading.Event):
+    """A worker shutdown that begins once the job runs: the first look (before the claim)
+    finds it unset, every later one set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt(
+    env: Env,
+) -> None:
+    reference = env.submit()
+    env.run(reference)
+    job_id = env.submit(log_interval=2)
+    status = run_job(job_id, session_factory=env.factory, storage=env.storage,
+                     settings=env.settings, worker_id="test", shutdown=_SetAfterClaim())
+    assert status == JobStatus.QUEUED
+    job = env.job(job_id)
+    assert (job.status, job.attempts, job.worker_id, job.finished_at, job.result) == (
+        JobStatus.QUEUED, 0, None, None, None)
+    assert env.steps(job_id) == [1, 2]
+    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]
+
+    env.run(job_id)  # the next worker
+    job = env.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
+    assert env.steps(job_id) == list(range(1, 13))
+    with session_scope(env.factory) as s:
+        losses = {jid: list(s.scalars(select(Metric.train_loss).where(Metric.job_id == jid)
+                                      .order_by(Metric.step)))
+                  for jid in (reference, job_id)}
+    assert losses[job_id] == pytest.approx(losses[reference], rel=1e-5)
+
+
+def test_shutdown_before_the_claim_leaves_the_job_queued_untouched(env: Env) -> None:
+    job_id = env.submit()
+    shutdown = threading.Event()
+    shutdown.set()
+    status = run_job(job_id, session_factory=env.factory, storage=env.storage,
+                     settings=env.settings, worker_id="test", shutdown=shutdown)
+    assert status == JobStatus.QUEUED
+    job = env.job(job_id)
+    assert (job.status, job.attempts, job.started_at) == (JobStatus.QUEUED, 0, None)
+    assert env.steps(job_id) == []
+
+
+def test_a_requested_cancel_wins_over_a_shutdown(env: Env) -> None:
+    job_id = env.submit(max_steps=1000, log_interval=2)
+    with session_scope(env.factory) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    status = run_job(job_id, session_factory=env.factory, storage=env.storage,
+                     settings=env.settings, worker_id="test", shutdown=_SetAfterClaim())
+    assert status == JobStatus.CANCELLED
+    job = env.job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.CANCELLED, 1)
+    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]

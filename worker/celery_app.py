@@ -7,14 +7,28 @@ only be loaded inside the task, in the child (``../shared/FIELD-NOTES.md``).
 The :class:`OrphanSweep` boot step runs :func:`worker.runner.sweep_and_requeue` in the worker's
 main process at start and then every ``heartbeat_timeout_s / 2`` seconds, on the worker's own
 timer (no extra thread in the process that forks).
+
+Shutdown while a job runs: Celery tells the pool processes nothing during a warm or a soft/cold
+shutdown (checked with Celery 5.7 and REMAP_SIGTERM=SIGQUIT: the main process sleeps
+``worker_soft_shutdown_timeout`` in its signal handler, its cancel sends the remapped SIGQUIT,
+which pool processes ignore, and a pool process dies by SIGKILL, its parent-death signal, when
+the main process exits). So the :class:`ForwardShutdown` boot step wraps the main process's
+SIGTERM, SIGQUIT and SIGINT handlers to first send :data:`SHUTDOWN_SIGNAL` to every pool
+process, where it sets :data:`SHUTDOWN`: the running job saves a ``last`` checkpoint at its next
+``log_interval`` step, goes back to queued, and the task rejects its message with requeue.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+from functools import partial
+from types import FrameType
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from app.celery_config import make_celery
 from app.settings import get_settings
@@ -53,3 +67,51 @@ class OrphanSweep(bootsteps.StartStopStep):
 
 
 celery.steps["worker"].add(OrphanSweep)
+
+#: Sent by the worker's main process to its pool processes when it begins to shut down. Not
+#: SIGUSR1: billiard takes that one in pool processes for soft time limits (it raises
+#: SoftTimeLimitExceeded). Pool processes ignore SIGTERM, SIGQUIT and SIGINT.
+SHUTDOWN_SIGNAL = signal.SIGUSR2
+#: Set in a pool process by :data:`SHUTDOWN_SIGNAL`; the runner stops the job it runs.
+SHUTDOWN = threading.Event()
+
+
+@signals.worker_process_init.connect
+def _on_pool_process_init(**_: Any) -> None:
+    # In the pool process, before billiard's reset_signals(), which leaves SIGUSR2 alone.
+    signal.signal(SHUTDOWN_SIGNAL, lambda signum, frame: SHUTDOWN.set())
+
+
+def _pool_pids(pool: Any) -> list[int]:
+    processes = getattr(getattr(pool, "_pool", None), "_pool", None) or []
+    return [p.pid for p in processes if getattr(p, "pid", None)]
+
+
+class ForwardShutdown(bootsteps.StartStopStep):
+    """Forward the first shutdown signal of the main process to the pool processes."""
+
+    # After the pool, and after WorkController.on_start installed Celery's own handlers.
+    requires = {"celery.worker.components:Pool"}
+
+    def start(self, parent: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            signal.signal(sig, partial(self._forward, parent, previous))
+
+    @staticmethod
+    def _forward(parent: Any, previous: Any, signum: int, frame: FrameType | None) -> None:
+        # In a signal handler: no logging, no locks. Celery's handler (called last) installs
+        # its next handler for this signal, so each signal is forwarded once.
+        for pid in _pool_pids(getattr(parent, "pool", None)):
+            try:
+                os.kill(pid, SHUTDOWN_SIGNAL)
+            except OSError:
+                pass  # already gone
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+celery.steps["worker"].add(ForwardShutdown)

@@ -6,6 +6,11 @@ one short transaction at a time, never one transaction for the whole run), and f
 as succeeded, failed or cancelled. A background heartbeat keeps ``jobs.heartbeat_at`` fresh so
 that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
 
+A worker that is shutting down sets the ``shutdown`` event given to :func:`run_job`: the engine
+then stops at its next ``should_stop`` poll (every ``log_interval`` steps) with a ``last``
+checkpoint, and the job goes back to queued (:func:`app.progress.requeue_interrupted`) for the
+next worker to resume from that checkpoint.
+
 No torch at import: the engine is imported inside :func:`run_job`, i.e. in the pool child.
 """
 
@@ -30,6 +35,7 @@ from app.progress import (
     prepare_resume,
     record_checkpoint,
     record_metrics,
+    requeue_interrupted,
     sweep_orphans,
 )
 from app.queue import Enqueuer
@@ -51,12 +57,14 @@ class DatabaseHooks:
     """:class:`worker.engine.hooks.TrainingHooks` writing to the database and storage.
 
     ``should_stop`` is free: it returns a flag refreshed by every metrics flush and heartbeat
-    (``cancel_requested``), or set when the job was taken from this attempt."""
+    (``cancel_requested``), or set when the job was taken from this attempt, or the
+    ``shutdown`` event (the worker is shutting down)."""
 
     def __init__(self, job_id: str, attempt: int, factory: SessionFactory, storage: Storage,
-                 keep_periodic: int) -> None:
+                 keep_periodic: int, shutdown: threading.Event | None = None) -> None:
         self.job_id, self.attempt = job_id, attempt
         self._factory, self._storage, self._keep = factory, storage, keep_periodic
+        self.shutdown = shutdown or threading.Event()
         self.cancel_requested = False
         self.lost = False
 
@@ -86,7 +94,7 @@ class DatabaseHooks:
                  row.step)
 
     def should_stop(self) -> bool:
-        return self.cancel_requested or self.lost
+        return self.cancel_requested or self.lost or self.shutdown.is_set()
 
     def beat(self) -> None:
         try:
@@ -166,21 +174,32 @@ def run_job(
     storage: Storage,
     settings: Settings,
     worker_id: str | None = None,
-) -> None:
+    shutdown: threading.Event | None = None,
+) -> JobStatus | None:
     """Run job ``job_id`` to a terminal state, or return at once if it is not queued.
 
     A ``TrainingError`` fails the job with its code; any other exception fails it with
     ``internal_error`` (traceback in the log). A job with a ``last``/``periodic`` checkpoint
-    from an earlier attempt resumes from it (sha256 checked first)."""
+    from an earlier attempt resumes from it (sha256 checked first).
+
+    ``shutdown`` set (before or during the run) interrupts it: a running job saves a ``last``
+    checkpoint and goes back to queued without using up an attempt; a requested cancel wins.
+
+    Returns the status this call left the job in: None when it did nothing (not queued, or
+    taken from this attempt), :attr:`JobStatus.QUEUED` when the job must be delivered again
+    (the caller requeues its message)."""
+    if shutdown is not None and shutdown.is_set():
+        log.info("job %s: not starting, the worker is shutting down", job_id)
+        return JobStatus.QUEUED
     with session_scope(session_factory) as s:
         job = claim_job(s, job_id, worker_id or default_worker_id())
         if job is None:
-            return
+            return None
         attempt, spec_json = job.attempts, job.spec
     log.info("job %s: attempt %d started", job_id, attempt)
     spec = load_spec(spec_json)
     hooks = DatabaseHooks(job_id, attempt, session_factory, storage,
-                          spec.training.keep_checkpoints)
+                          spec.training.keep_checkpoints, shutdown)
     beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
     status, result, error = JobStatus.FAILED, None, None
     try:
@@ -206,13 +225,24 @@ def run_job(
         if beat.is_alive():
             beat.stop()
     if hooks.lost:
-        return
+        return None
+    if status == JobStatus.CANCELLED and not hooks.cancel_requested and hooks.shutdown.is_set():
+        try:
+            with session_scope(session_factory) as s:
+                requeue_interrupted(s, job_id, attempt)
+            log.info("job %s: interrupted by the worker's shutdown at step %s; queued again",
+                     job_id, (result or {}).get("steps"))
+            return JobStatus.QUEUED
+        except JobLost:
+            pass  # cancelled meanwhile (or taken): finish it as cancelled below
     try:
         with session_scope(session_factory) as s:
             finish_job(s, job_id, attempt, status, result=result, error=error)
         log.info("job %s: %s", job_id, status.value)
     except JobLost:
         log.warning("job %s was taken from attempt %d before it finished", job_id, attempt)
+        return None
+    return status
 
 
 def sweep_and_requeue(

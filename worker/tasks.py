@@ -10,14 +10,16 @@ import logging
 import os
 from functools import cache
 
+from celery.exceptions import Reject
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.celery_config import TRAIN_TASK
 from app.db import make_engine, make_session_factory
+from app.models import JobStatus
 from app.queue import CeleryEnqueuer
 from app.settings import get_settings
 from app.storage import LocalStorage
-from worker.celery_app import celery
+from worker.celery_app import SHUTDOWN, celery
 from worker.runner import run_job, sweep_and_requeue
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,18 @@ def session_factory() -> sessionmaker[Session]:
 @celery.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> None:
     """Run job ``job_id`` (see :func:`worker.runner.run_job`); a duplicate delivery of a job
-    already claimed returns at once."""
+    already claimed returns at once.
+
+    When the worker shuts down, the job is interrupted (``last`` checkpoint, back to queued)
+    and its message, not acknowledged yet (late acks), is rejected with requeue so that the
+    next worker resumes it. Should the main process not handle the reject before it exits,
+    the cold shutdown restores the unacknowledged message instead: either way, once."""
     settings = get_settings()
-    run_job(job_id, session_factory=session_factory(), storage=LocalStorage(settings.storage_dir),
-            settings=settings)
+    status = run_job(job_id, session_factory=session_factory(),
+                     storage=LocalStorage(settings.storage_dir), settings=settings,
+                     shutdown=SHUTDOWN)
+    if status == JobStatus.QUEUED:
+        raise Reject("the worker is shutting down", requeue=True)
 
 
 def sweep_orphaned_jobs() -> list[str]:
