@@ -22,15 +22,26 @@ class TextStats:
     num_chars: int  # Unicode code points
     num_lines: int  # "\n"-terminated lines, plus a last unterminated one
     num_words: int  # whitespace-separated tokens (str.split())
+    num_bytes: int  # UTF-8 bytes (a dataset row's ``bytes``)
 
     def tokens(self, tokenizer_kind: str) -> int | None:
         """Tokens the engine's tokenizer makes of this text: one per character for ``char``;
-        words plus one ``<eos>`` per line for ``word``; unknown before training for ``bpe``."""
+        words plus one ``<eos>`` per line for ``word``; unknown before training for ``bpe``
+        (see :meth:`bpe_token_bound`)."""
         if tokenizer_kind == "char":
             return self.num_chars
         if tokenizer_kind == "word":
             return self.num_words + self.num_lines
         return None
+
+    def bpe_token_bound(self, chars: int) -> int:
+        """An upper bound on the byte-level BPE tokens of any ``chars`` characters of this text.
+
+        The engine's BPE (``worker.engine.tokenizers.BPETokenizer``) starts from one token per
+        UTF-8 byte (no prefix space, no special tokens) and merges only shrink that, so tokens
+        <= bytes. ``chars`` characters hold at most 4 bytes each, and at most the text's bytes
+        less one for each of the other ``num_chars - chars`` characters."""
+        return max(0, min(4 * chars, self.num_bytes - (self.num_chars - chars)))
 
 
 class TextCounter:
@@ -70,7 +81,7 @@ class TextCounter:
     def finish(self) -> TextStats:
         self.feed(b"", final=True)
         lines = self._newlines + (1 if self._chars and self._last != "\n" else 0)
-        return TextStats(self._chars, lines, self._words)
+        return TextStats(self._chars, lines, self._words, self._offset)
 
 
 def text_stats(text: str) -> TextStats:

@@ -120,38 +120,60 @@ def _source_stats(session: Session, source: DatasetSource, field: str) -> TextSt
         d = get_dataset(session, source.id)
     except NotFound:
         raise ValidationFailed(f"dataset {source.id!r} does not exist", field=field) from None
-    return TextStats(d.num_chars, d.num_lines, d.num_words)
+    return TextStats(d.num_chars, d.num_lines, d.num_words, d.bytes)
 
 
-def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
-    """422 unless each split holds enough tokens: train one batch of batch_size x
-    (seq_len + 1), validation/test at least 2. Splits are cut as in
-    ``worker.engine.splits.split_texts``. BPE counts are unknown until its vocabulary is
-    trained: the worker checks those (``corpus_too_small``)."""
+def _split_tokens(spec: JobSpec, stats: dict[str, TextStats]) -> dict[str, int]:
+    """Tokens per split, splits cut as in ``worker.engine.splits.split_texts``: about that many
+    for ``char``/``word``; an upper bound for ``bpe`` (:meth:`TextStats.bpe_token_bound`)."""
     kind = spec.tokenizer.kind
-    total = stats["train"].tokens(kind)
-    if total is None:
-        return
+    train = stats["train"]
     vf = 0.0 if "validation" in stats else spec.val_fraction
     tf = 0.0 if "test" in stats else spec.test_fraction
+    if kind == "bpe":
+        n = train.num_chars
+        train_end = int(n * (1.0 - vf - tf))
+        test_start = n - int(n * tf) if tf > 0 else n
+        held_out = {"validation": test_start - train_end, "test": n - test_start}
+        splits = {"train": train.bpe_token_bound(train_end)}
+        for name, frac in (("validation", vf), ("test", tf)):
+            if name in stats:
+                splits[name] = stats[name].bpe_token_bound(stats[name].num_chars)
+            elif frac > 0:
+                splits[name] = train.bpe_token_bound(held_out[name])
+        return splits
+    total = train.tokens(kind) or 0
     splits = {"train": int(total * (1.0 - vf - tf))}
     for name, frac in (("validation", vf), ("test", tf)):
         if name in stats:
             splits[name] = stats[name].tokens(kind) or 0
         elif frac > 0:
             splits[name] = int(total * frac)
+    return splits
+
+
+def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
+    """422 unless each split holds enough tokens: train one batch of batch_size x
+    (seq_len + 1), validation/test at least 2. For ``bpe`` the counts are upper bounds (its
+    vocabulary is not trained yet): a bound that suffices proves nothing, and the worker checks
+    the real counts (``corpus_too_small``)."""
+    kind = spec.tokenizer.kind
+    splits = _split_tokens(spec, stats)
+    bound = kind == "bpe"
+    about = "at most" if bound else "about"
+    why = " (byte-level BPE makes at most one token per UTF-8 byte)" if bound else ""
     b, t = spec.training.batch_size, spec.training.seq_len
     need = {"train": b * (t + 1), "validation": 2, "test": 2}
     for name, have in splits.items():
         if have >= need[name]:
             continue
         if name == "train":
-            msg = (f"the training split has about {have} {kind} tokens but one batch needs "
-                   f"batch_size x (seq_len + 1) = {b} x {t + 1} = {need[name]}; use more text "
-                   f"or a smaller batch_size or seq_len")
+            msg = (f"the training split has {about} {have} {kind} tokens{why} but one batch "
+                   f"needs batch_size x (seq_len + 1) = {b} x {t + 1} = {need[name]}; use more "
+                   f"text or a smaller batch_size or seq_len")
             field = "training.batch_size"
         else:
-            msg = (f"the {name} split has about {have} tokens but evaluation needs at "
+            msg = (f"the {name} split has {about} {have} tokens{why} but evaluation needs at "
                    f"least {need[name]}")
             field = name if name in stats else ("val_fraction" if name == "validation"
                                                 else "test_fraction")

@@ -21,8 +21,9 @@ from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.progress import sweep_orphans
 from app.settings import Settings
 from app.storage import LocalStorage
+from worker.engine.tokenizers import build_tokenizer
 from worker.runner import run_job, sweep_and_requeue
-from worker.spec import JobSpec
+from worker.spec import JobSpec, TokenizerSpec
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 
@@ -126,13 +127,26 @@ def test_cancel_requested_stops_the_run_with_a_last_checkpoint(env: Env) -> None
     assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]
 
 
-def test_training_error_fails_the_job_with_its_code(env: Env) -> None:
-    # BPE token counts are unknown before training its vocabulary: the worker checks them.
-    job_id = env.submit("bpe", batch_size=64, seq_len=512)
+def test_bpe_corpus_too_small_past_the_submission_bound_fails_with_the_numbers(
+    env: Env,
+) -> None:
+    # The API's bound (one token per UTF-8 byte) lets the job through; the trained
+    # vocabulary's merges leave fewer tokens than one batch, which the worker reports.
+    text = _corpus()
+    train_text = text[: int(len(text) * 0.9)]
+    tokens = len(build_tokenizer(TokenizerSpec(kind="bpe", vocab_size=300), train_text)
+                 .encode(train_text))
+    n_bytes = len(train_text.encode("utf-8"))
+    seq_len = n_bytes // 16 - 1
+    need = 16 * (seq_len + 1)
+    assert tokens < need <= n_bytes  # the precondition: merges shrank the text
+    job_id = env.submit("bpe", batch_size=16, seq_len=seq_len)
     env.run(job_id)
     job = env.job(job_id)
     assert job.status == JobStatus.FAILED
     assert job.error is not None and job.error["code"] == "corpus_too_small"
+    assert f"has {tokens} tokens" in job.error["message"]
+    assert f"16 x {seq_len + 1} = {need}" in job.error["message"]
 
 
 def test_missing_dataset_blob_fails_with_dataset_error(env: Env) -> None:

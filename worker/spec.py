@@ -107,8 +107,10 @@ class ScheduleSpec(_Strict):
     - ``cosine``: linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` at the
       step budget (``max_steps``, or the step equivalent of ``max_epochs``/``max_tokens``).
     - ``step``: multiply by ``gamma`` every ``step_size`` steps.
-    - ``plateau``: divide by ``1/factor`` when the validation loss has not improved for
-      ``patience`` evaluations (default factor 0.25: the classic example's divide-by-4).
+    - ``plateau``: divide by ``1/factor`` once the validation loss has not improved for more
+      than ``patience`` evaluations in a row, then count again (torch ``ReduceLROnPlateau``);
+      the defaults, factor 0.25 and patience 0, divide by 4 at each evaluation without
+      improvement: the classic example's divide-by-4.
     """
 
     kind: Literal["constant", "cosine", "step", "plateau"] = "constant"
