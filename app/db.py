@@ -91,6 +91,8 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     if is_sqlite(url):
         _ensure_sqlite_dir(url)
     log.info("upgrading database schema to %s", revision)
+    # Alembic announces each of its plugins at INFO on every start: noise for an operator.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     command.upgrade(alembic_config(url), revision)
 
 

@@ -134,11 +134,27 @@ def validation_details(
 ) -> list[dict[str, Any]]:
     out = []
     for e in errors:
-        msg = str(e.get("msg", "invalid value"))
-        path = _field_path(e.get("loc", ()))
-        if e.get("type") == "value_error":
+        kind = e.get("type")
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        loc = list(e.get("loc", ()))
+        if kind == "json_invalid":
+            # loc is ("body", <character offset>): an offset is not a field.
+            pos = loc[1] if len(loc) > 1 else "?"
+            reason = (e.get("ctx") or {}).get("error", msg)
+            out.append({"field": None, "type": kind,
+                        "message": f"the request body is not valid JSON ({reason} at "
+                                   f"character {pos})"})
+            continue
+        path = _field_path(loc)
+        if not path and loc[:1] == ["body"]:
+            if kind == "missing":
+                msg = "a JSON request body is required"
+            elif kind in ("model_attributes_type", "dict_type"):
+                msg = ("the request body must be a JSON object (send it with "
+                       "Content-Type: application/json)")
+        if kind == "value_error":
             path = _refine_field(path, msg, root)
-        out.append({"field": path or None, "message": msg, "type": e.get("type")})
+        out.append({"field": path or None, "message": msg, "type": kind})
     return out
 
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from worker.engine.corpora import builtin_corpus
 from worker.engine.hooks import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
 from worker.spec import DatasetSource, JobSpec
@@ -36,6 +38,7 @@ def _read_source(src: DatasetSource, base_dir: Path) -> str:
 
 def _read_path(path: str, base_dir: Path) -> str:
     candidates = [Path(path)] if Path(path).is_absolute() else [base_dir / path, Path.cwd() / path]
+    candidates = list(dict.fromkeys(c.resolve() for c in candidates))
     for p in candidates:
         if p.is_file():
             try:
@@ -82,7 +85,8 @@ def write_atomic(path: Path, data: bytes) -> str:
 
 
 class LocalHooks:
-    """Checkpoints into a directory; metrics to stderr; Ctrl-C asks the run to stop."""
+    """Checkpoints into a directory; metrics to ``metrics.jsonl`` and stderr; Ctrl-C asks the
+    run to stop."""
 
     def __init__(self, output_dir: Path, keep: int, out: Any = None) -> None:
         self.dir = output_dir
@@ -93,6 +97,9 @@ class LocalHooks:
         self.periodic: list[str] = []
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
+        # metrics.jsonl: one JSON object per step, as GET /v1/jobs/{id}/metrics returns them.
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
         for r in rows:
             line = (f"step {r.step:>6}  epoch {r.epoch:6.3f}  loss {r.train_loss:.4f}  "
                     f"lr {r.lr:.2e}  |g| {r.grad_norm:.3f}  {r.tokens_per_s:,.0f} tok/s")
@@ -128,11 +135,22 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None)
     from worker.engine.trainer import train  # torch is imported here, not at CLI start-up
 
     try:
-        spec = JobSpec.model_validate_json(Path(spec_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(json.dumps({"error": {"code": "invalid_spec", "message": str(exc)}}))
+        raw = Path(spec_path).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot read the spec file {spec_path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        spec = JobSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
+                    f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+        print(json.dumps({"error": {"code": "invalid_spec", "message": "; ".join(problems)}}))
+        for line in problems:
+            print(f"invalid spec {spec_path}: {line}", file=sys.stderr)
         return 2
     output_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, fresh metrics
     hooks = LocalHooks(output_dir, spec.training.keep_checkpoints)
     previous = signal.getsignal(signal.SIGINT)
 

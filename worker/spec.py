@@ -181,16 +181,17 @@ class JobSpec(_Strict):
             and self.dataset is not None
             and self.dataset.id != self.dataset_id
         ):
-            raise ValueError("give either 'dataset_id' or 'dataset', not both")
+            raise ValueError("dataset_id and dataset name different data: give one of them")
         if self.dataset_id is None and self.dataset is None:
-            raise ValueError("a job needs data: give 'dataset_id' or 'dataset'")
+            raise ValueError("dataset_id (or dataset) is required: a job needs data")
         if self.dataset is None:
             self.dataset = DatasetSource(id=self.dataset_id)
         self.dataset_id = self.dataset.id
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
         if self.validation is None and self.val_fraction == 0.0:
-            raise ValueError("validation needs data: set val_fraction > 0 or give 'validation'")
+            raise ValueError("val_fraction must be > 0 unless a separate 'validation' dataset "
+                             "is given")
         return self
 
     def sources(self) -> list[DatasetSource]:

@@ -146,7 +146,10 @@ def load_checkpoint(data: bytes) -> LoadedCheckpoint:
     except TrainingError:
         raise
     except Exception as exc:  # any parse failure is the same user-facing error
-        raise TrainingError("invalid_checkpoint", f"cannot load checkpoint: {exc}") from exc
+        raise TrainingError(
+            "invalid_checkpoint",
+            f"not a readable lmforge checkpoint (a .safetensors file written by lmforge): {exc}",
+        ) from exc
 
 
 def build_model_from_checkpoint(ckpt: LoadedCheckpoint,

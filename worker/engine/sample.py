@@ -27,10 +27,12 @@ def sample(checkpoint_bytes: bytes, prompt: str = "", max_new_tokens: int = 200,
     Each token is drawn from ``softmax(logits / temperature)`` restricted to the ``top_k``
     most likely ids (all when None or 0); ``temperature == 0`` is greedy decoding. ``seed``
     makes the draw reproducible. Raises ``TrainingError("invalid_checkpoint")`` for a file
-    that is not a checkpoint and ``ValueError`` for a negative temperature or max_new_tokens.
+    that is not a checkpoint and ``ValueError`` for a negative temperature, max_new_tokens or top_k.
     """
     if temperature < 0 or max_new_tokens < 0:
         raise ValueError("temperature and max_new_tokens must be >= 0")
+    if top_k is not None and top_k < 0:
+        raise ValueError("top_k must be >= 1 (or 0 / omitted for the whole vocabulary)")
     ckpt = load_checkpoint(checkpoint_bytes)
     tok = ckpt.tokenizer
     model = build_model_from_checkpoint(ckpt, device).eval()
