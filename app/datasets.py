@@ -10,9 +10,9 @@ import codecs
 from dataclasses import dataclass
 from functools import lru_cache
 
-from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from app.db import newest_first_page
 from app.errors import NotFound, ValidationFailed
 from app.models import Dataset, new_id
 
@@ -134,16 +134,4 @@ def list_datasets(
     session: Session, limit: int, after: str | None
 ) -> tuple[list[Dataset], bool]:
     """Newest first; ``after`` is the id of the last dataset of the previous page."""
-    query = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc())
-    if after is not None:
-        cursor = session.get(Dataset, after)
-        if cursor is None:
-            raise ValidationFailed(f"unknown cursor {after!r}", field="after")
-        query = query.where(
-            or_(
-                Dataset.created_at < cursor.created_at,
-                and_(Dataset.created_at == cursor.created_at, Dataset.id < cursor.id),
-            )
-        )
-    rows = list(session.scalars(query.limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, Dataset, limit, after)

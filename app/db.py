@@ -11,11 +11,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, and_, create_engine, event, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +102,25 @@ def downgrade_database(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+def newest_first_page(
+    session: Session, model: type[T], limit: int, after: str | None
+) -> tuple[list[T], bool]:
+    """One page of ``model`` rows, newest first, and whether more follow. ``after`` is the id
+    of the last row of the previous page: a keyset cursor over ``(created_at, id)``, stable
+    while new rows arrive. Raises ``ValidationFailed`` (field ``after``) for an unknown id."""
+    from app.errors import ValidationFailed
+
+    created, ident = model.created_at, model.id  # type: ignore[attr-defined]
+    query = select(model).order_by(created.desc(), ident.desc())
+    if after is not None:
+        cursor = session.get(model, after)
+        if cursor is None:
+            raise ValidationFailed(f"unknown cursor {after!r}", field="after")
+        query = query.where(
+            or_(created < cursor.created_at,  # type: ignore[attr-defined]
+                and_(created == cursor.created_at, ident < cursor.id))  # type: ignore[attr-defined]
+        )
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -15,10 +15,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from app.datasets import TextStats, builtin_stats, get_dataset
+from app.db import newest_first_page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.models import Checkpoint, CheckpointKind, Dataset, Job, JobStatus, Metric, new_id, utcnow
 from worker.spec import DatasetSource, JobSpec
@@ -88,19 +89,7 @@ def get_job(session: Session, job_id: str) -> Job:
 def list_jobs(session: Session, limit: int, after: str | None) -> tuple[list[Job], bool]:
     """Newest first; ``after`` is the id of the last job of the previous page (a keyset cursor
     over ``(created_at, id)``, stable while new jobs arrive)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
-    if after is not None:
-        cursor = session.get(Job, after)
-        if cursor is None:
-            raise ValidationFailed(f"unknown cursor {after!r}", field="after")
-        query = query.where(
-            or_(
-                Job.created_at < cursor.created_at,
-                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
-            )
-        )
-    rows = list(session.scalars(query.limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, Job, limit, after)
 
 
 # -- creation ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from app import proctree
 from app.embedded import free_port, kill_process_group, spawn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ class Stack:
         """SIGTERM the supervisor, wait, then make sure nothing of it is left."""
         if self.proc is None:
             return None
-        self.tree = _descendants(self.proc.pid)
+        self.tree = proctree.descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -122,39 +123,6 @@ class Stack:
             return ""
         tail = "\n".join(text.splitlines()[-lines:])
         return f"--- last lines of {self.log_path} ---\n{tail}"
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def _still_running(pids: set[int], timeout: float = 10.0) -> set[int]:
-    """Those of ``pids`` that are still alive (not zombies) after up to ``timeout`` s."""
-
-    def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def _check(response: httpx.Response, what: str, expected: int = 200) -> Any:
@@ -310,7 +278,7 @@ def run() -> int:
             console.print(stack.log_tail(), markup=False, highlight=False)
     if code != 0:
         raise DemoError(f"`lmforge up` exited with code {code} on SIGTERM\n{stack.log_tail()}")
-    if left := _still_running(stack.tree):
+    if left := proctree.wait_gone(stack.tree):
         raise DemoError(f"processes of the stack still run after it stopped: {sorted(left)}")
     console.print(f"Stopped cleanly. Demo took {time.monotonic() - t0:.0f} s.")
     return 0

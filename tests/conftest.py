@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import proctree
 from app.embedded import (
     EmbeddedServerError,
     PostgresServer,
@@ -49,45 +50,11 @@ SERVICE_START_TIMEOUT_S = 90.0
 
 
 class Procs:
-    """Process-tree helpers (Linux /proc)."""
+    """Process-tree helpers (Linux /proc), as a fixture."""
 
-    @staticmethod
-    def alive(pid: int) -> bool:
-        """True while ``pid`` exists and is not a zombie."""
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-    @staticmethod
-    def descendants(pid: int) -> set[int]:
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        out: set[int] = set()
-        todo = [pid]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                out.add(child)
-                todo.append(child)
-        return out
-
-    @classmethod
-    def wait_gone(cls, pids: set[int], timeout: float = 60.0) -> set[int]:
-        """Wait until none of ``pids`` is alive; returns those still alive at the timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not any(cls.alive(p) for p in pids):
-                return set()
-            time.sleep(0.1)
-        return {p for p in pids if cls.alive(p)}
+    alive = staticmethod(proctree.alive)
+    descendants = staticmethod(proctree.descendants)
+    wait_gone = staticmethod(proctree.wait_gone)
 
 
 @pytest.fixture(scope="session")
