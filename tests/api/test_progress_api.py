@@ -161,3 +161,16 @@ def test_illegal_transition_is_a_conflict(running: str, session_factory: Factory
         transition(s, running, JobStatus.SUCCEEDED)
     with pytest.raises(Conflict), session_scope(session_factory) as s:
         transition(s, running, JobStatus.RUNNING)
+
+
+def test_a_checkpoint_damaged_in_storage_is_never_offered_for_download(
+    client: TestClient, running: str, session_factory: Factory
+) -> None:
+    storage = client.app.state.storage  # type: ignore[attr-defined]
+    with session_scope(session_factory) as s:
+        row, _ = record_checkpoint(s, storage, running, 1,
+                                   CheckpointBlob("best", 3, b"good bytes" * 100, {}), 3)
+    storage.path(row.storage_key).write_bytes(b"bad bytes" * 100)
+    r = client.get(f"/v1/jobs/{running}/checkpoints/{row.id}/download")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "checkpoint_corrupt"
