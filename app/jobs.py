@@ -22,6 +22,7 @@ from app.datasets import TextStats, builtin_stats, get_dataset
 from app.db import newest_first_page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.models import Checkpoint, CheckpointKind, Dataset, Job, JobStatus, Metric, new_id, utcnow
+from worker.engine.splits import split_bounds, tokens_needed
 from worker.spec import DatasetSource, JobSpec
 
 log = logging.getLogger(__name__)
@@ -113,31 +114,25 @@ def _source_stats(session: Session, source: DatasetSource, field: str) -> TextSt
 
 
 def _split_tokens(spec: JobSpec, stats: dict[str, TextStats]) -> dict[str, int]:
-    """Tokens per split, splits cut as in ``worker.engine.splits.split_texts``: about that many
-    for ``char``/``word``; an upper bound for ``bpe`` (:meth:`TextStats.bpe_token_bound`)."""
+    """Tokens per split, cut by the engine's own :func:`split_bounds`: about that many for
+    ``char``/``word`` (the cut is applied to the token count); an upper bound for ``bpe``
+    (the cut is applied to characters, then :meth:`TextStats.bpe_token_bound`)."""
     kind = spec.tokenizer.kind
+    bpe = kind == "bpe"
     train = stats["train"]
-    vf = 0.0 if "validation" in stats else spec.val_fraction
-    tf = 0.0 if "test" in stats else spec.test_fraction
-    if kind == "bpe":
-        n = train.num_chars
-        train_end = int(n * (1.0 - vf - tf))
-        test_start = n - int(n * tf) if tf > 0 else n
-        held_out = {"validation": test_start - train_end, "test": n - test_start}
-        splits = {"train": train.bpe_token_bound(train_end)}
-        for name, frac in (("validation", vf), ("test", tf)):
-            if name in stats:
-                splits[name] = stats[name].bpe_token_bound(stats[name].num_chars)
-            elif frac > 0:
-                splits[name] = train.bpe_token_bound(held_out[name])
-        return splits
-    total = train.tokens(kind) or 0
-    splits = {"train": int(total * (1.0 - vf - tf))}
-    for name, frac in (("validation", vf), ("test", tf)):
+    n = train.num_chars if bpe else (train.tokens(kind) or 0)
+    train_end, test_start = split_bounds(spec, n, separate_validation="validation" in stats,
+                                         separate_test="test" in stats)
+    held_out = {"validation": test_start - train_end, "test": n - test_start}
+    fractions = {"validation": spec.val_fraction, "test": spec.test_fraction}
+    splits = {"train": train.bpe_token_bound(train_end) if bpe else train_end}
+    for name in ("validation", "test"):
         if name in stats:
-            splits[name] = stats[name].tokens(kind) or 0
-        elif frac > 0:
-            splits[name] = int(total * frac)
+            other = stats[name]
+            splits[name] = (other.bpe_token_bound(other.num_chars) if bpe
+                            else other.tokens(kind) or 0)
+        elif fractions[name] > 0:
+            splits[name] = train.bpe_token_bound(held_out[name]) if bpe else held_out[name]
     return splits
 
 
@@ -152,7 +147,7 @@ def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
     about = "at most" if bound else "about"
     why = " (byte-level BPE makes at most one token per UTF-8 byte)" if bound else ""
     b, t = spec.training.batch_size, spec.training.seq_len
-    need = {"train": b * (t + 1), "validation": 2, "test": 2}
+    need = tokens_needed(spec)
     for name, have in splits.items():
         if have >= need[name]:
             continue
@@ -196,16 +191,6 @@ def validate_sources(session: Session, spec: JobSpec) -> None:
         if session.get(Dataset, emb.dataset_id) is None:
             raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist", field=field)
     _check_corpus_size(spec, stats)
-
-
-def load_spec(stored: dict[str, Any]) -> JobSpec:
-    """The ``JobSpec`` of a stored job, in canonical form: the data named once, as
-    ``dataset``, with ``dataset_id`` None, so that the spec the engine writes into a
-    checkpoint compares equal to the one a resume of the same job reads back."""
-    data = dict(stored)
-    if data.get("dataset") is not None:
-        data.pop("dataset_id", None)
-    return JobSpec.model_validate(data).model_copy(update={"dataset_id": None})
 
 
 def create_job(session: Session, spec: JobSpec) -> Job:

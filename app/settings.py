@@ -33,10 +33,6 @@ class Settings(BaseSettings):
     soft_shutdown_timeout_s: float = Field(default=10.0, alias="LMFORGE_SOFT_SHUTDOWN_TIMEOUT_S")
 
     @property
-    def data_dir(self) -> Path:
-        return self.lmforge_home
-
-    @property
     def storage_dir(self) -> Path:
         return self.lmforge_home / "storage"
 

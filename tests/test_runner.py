@@ -62,6 +62,11 @@ class Env:
         with session_scope(self.factory) as s:
             return s.get_one(Job, job_id)
 
+    def train_losses(self, job_id: str) -> list[float]:
+        with session_scope(self.factory) as s:
+            return list(s.scalars(select(Metric.train_loss).where(Metric.job_id == job_id)
+                                  .order_by(Metric.step)))
+
     def steps(self, job_id: str) -> list[int]:
         with session_scope(self.factory) as s:
             return list(s.scalars(select(Metric.step).where(Metric.job_id == job_id)
@@ -173,11 +178,7 @@ def test_requeued_job_resumes_from_its_last_checkpoint_recording_each_step_once(
     job = env.job(job_id)
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 2
     assert env.steps(job_id) == list(range(1, 13))
-    with session_scope(env.factory) as s:
-        losses = {jid: list(s.scalars(select(Metric.train_loss).where(Metric.job_id == jid)
-                                      .order_by(Metric.step)))
-                  for jid in (reference, job_id)}
-    assert losses[job_id] == pytest.approx(losses[reference], rel=1e-5)
+    assert env.train_losses(job_id) == pytest.approx(env.train_losses(reference), rel=1e-5)
 
 
 def _running(env: Env, *, attempts: int, age_s: float, cancel: bool = False) -> str:
@@ -255,11 +256,7 @@ def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt
     job = env.job(job_id)
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
     assert env.steps(job_id) == list(range(1, 13))
-    with session_scope(env.factory) as s:
-        losses = {jid: list(s.scalars(select(Metric.train_loss).where(Metric.job_id == jid)
-                                      .order_by(Metric.step)))
-                  for jid in (reference, job_id)}
-    assert losses[job_id] == pytest.approx(losses[reference], rel=1e-5)
+    assert env.train_losses(job_id) == pytest.approx(env.train_losses(reference), rel=1e-5)
 
 
 def test_shutdown_before_the_claim_leaves_the_job_queued_untouched(env: Env) -> None:

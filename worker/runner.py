@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
-from app.jobs import load_spec
 from app.models import Dataset, JobStatus
 from app.progress import (
     JobLost,
@@ -197,7 +196,7 @@ def run_job(
             return None
         attempt, spec_json = job.attempts, job.spec
     log.info("job %s: attempt %d started", job_id, attempt)
-    spec = load_spec(spec_json)
+    spec = JobSpec.model_validate(spec_json)
     hooks = DatabaseHooks(job_id, attempt, session_factory, storage,
                           spec.training.keep_checkpoints, shutdown)
     beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))

@@ -8,11 +8,12 @@ plateau ``factor=0.25``, i.e. its divide-by-4 annealing) and the issue's spec ot
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-BUILTIN_CORPORA: tuple[str, ...] = ("python-docs",)
+BuiltinCorpus = Literal["python-docs"]
+BUILTIN_CORPORA: tuple[str, ...] = get_args(BuiltinCorpus)
 
 
 class _Strict(BaseModel):
@@ -26,7 +27,7 @@ class DatasetSource(_Strict):
     local file path (``path`` is accepted by ``lmforge train`` only; the HTTP API refuses it)."""
 
     id: str | None = None
-    builtin: Literal["python-docs"] | None = None
+    builtin: BuiltinCorpus | None = None
     path: str | None = None
 
     @model_validator(mode="after")
@@ -193,18 +194,3 @@ class JobSpec(_Strict):
             raise ValueError("val_fraction must be > 0 unless a separate 'validation' dataset "
                              "is given")
         return self
-
-    def sources(self) -> list[DatasetSource]:
-        """Every data source the job reads (train, validation, test, embeddings)."""
-        assert self.dataset is not None
-        out = [self.dataset]
-        out += [s for s in (self.validation, self.test) if s is not None]
-        return out
-
-
-StopReason = Annotated[
-    Literal[
-        "max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"
-    ],
-    "why the run ended",
-]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.datasets import TextCounter, TextStats
@@ -106,7 +107,8 @@ async def receive_text_file(
         }
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
         async for chunk in request.stream():
-            parser.write(chunk)
+            # Disk writes, hashing and UTF-8 decoding are blocking: keep them off the event loop.
+            await run_in_threadpool(parser.write, chunk)
         parser.finalize()
         if not parts.seen_file:
             raise ValidationFailed("the form has no 'file' field", field="file")

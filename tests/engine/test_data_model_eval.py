@@ -11,10 +11,11 @@ from worker.engine.data import eval_streams
 from worker.engine.evaluate import evaluate, perplexity
 from worker.engine.hooks import CorpusTexts, TrainingError
 from worker.engine.model import LSTMLanguageModel
-from worker.engine.splits import check_corpus_size, split_texts
+from worker.engine.splits import split_texts
+from worker.engine.trainer import train
 from worker.spec import JobSpec, ModelSpec
 
-from .conftest import make_spec
+from .conftest import RecordingHooks, make_spec
 
 
 def test_fraction_split_matches_the_reference_loop_first_90_percent() -> None:
@@ -35,7 +36,7 @@ def test_test_fraction_is_the_tail_and_separate_texts_override_fractions() -> No
 def test_too_small_corpus_raises_corpus_too_small_with_the_numbers() -> None:
     spec = make_spec(batch_size=8, seq_len=16)
     with pytest.raises(TrainingError) as err:
-        check_corpus_size(spec, CorpusTexts(train="abc" * 40))
+        train(spec, CorpusTexts(train="abc" * 40), RecordingHooks())
     assert err.value.code == "corpus_too_small"
     assert "108 tokens" in err.value.message and "8 x 17 = 136" in err.value.message
 

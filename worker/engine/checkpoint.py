@@ -43,11 +43,16 @@ class LoadedCheckpoint:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # best weights, if kept
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """Detached, contiguous, on the CPU (no copy when it already is): what safetensors saves."""
+    return t.detach().to("cpu").contiguous()
+
+
 def _model_tensors(model: LSTMLanguageModel) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.config.tie_weights:
         sd.pop(TIED_KEY)  # same storage as encoder.weight; safetensors refuses shared tensors
-    return {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {f"model.{k}": _cpu(v) for k, v in sd.items()}
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -56,7 +61,7 @@ def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     for idx, state in sd["state"].items():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"optim.{idx}.{name}"] = _cpu(value)
             else:
                 other.setdefault(str(idx), {})[name] = value
     return tensors, {"param_groups": sd["param_groups"], "state_other": other}
@@ -96,10 +101,10 @@ def save_checkpoint(kind: str, spec: JobSpec, model: LSTMLanguageModel, tokenize
                 tensors[f"rng.cuda.{i}"] = s
         for k, v in (best_state or {}).items():
             if not (model.config.tie_weights and k == TIED_KEY):
-                tensors[f"best.{k}"] = v.detach().to("cpu").contiguous()
+                tensors[f"best.{k}"] = _cpu(v)
         if hidden is not None:
-            tensors["state.h"] = hidden[0].detach().to("cpu").contiguous()
-            tensors["state.c"] = hidden[1].detach().to("cpu").contiguous()
+            tensors["state.h"] = _cpu(hidden[0])
+            tensors["state.c"] = _cpu(hidden[1])
     metadata = {
         "format": FORMAT,
         "kind": kind,

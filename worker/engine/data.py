@@ -83,8 +83,6 @@ class Corpus:
     train: torch.Tensor
     validation: torch.Tensor
     test: torch.Tensor | None
-    val_chars: int
-    test_chars: int | None
 
 
 def encode_splits(spec: JobSpec, parts: SplitTexts, tok: Tokenizer) -> Corpus:
@@ -96,5 +94,4 @@ def encode_splits(spec: JobSpec, parts: SplitTexts, tok: Tokenizer) -> Corpus:
     train, val = enc(parts.train), enc(parts.validation)
     test = None if parts.test is None else enc(parts.test)
     check_token_counts(spec, train.numel(), val.numel(), None if test is None else test.numel())
-    return Corpus(train, val, test, len(parts.validation),
-                  None if parts.test is None else len(parts.test))
+    return Corpus(train, val, test)

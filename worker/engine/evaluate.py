@@ -38,11 +38,6 @@ class EvalResult:
     top5_accuracy: float
     tokens: int  # predicted tokens
 
-    def as_metrics(self, prefix: str) -> dict[str, float | None]:
-        return {f"{prefix}_loss": self.loss, f"{prefix}_ppl": self.ppl,
-                f"{prefix}_bpc": self.bpc, f"{prefix}_accuracy": self.accuracy,
-                f"{prefix}_top5_accuracy": self.top5_accuracy}
-
 
 @torch.no_grad()
 def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_len: int,

@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 CheckpointKind = Literal["best", "last", "periodic"]
+# Why a run ended: the stopping rule that held first, or a stop asked for through the hooks.
+StopReason = Literal[
+    "max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"
+]
 
 # Machine-readable error codes of a job that cannot run. Each comes with a message a person can
 # act on.
@@ -99,7 +103,7 @@ class TrainingResult:
     tokens_seen: int
     duration_s: float
     train_tokens_per_s: float  # training throughput excluding evaluation
-    stop_reason: str  # one of spec.StopReason's values
+    stop_reason: StopReason
     final_val_loss: float | None
     final_val_ppl: float | None
     best_val_loss: float | None

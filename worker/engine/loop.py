@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from worker.engine.checkpoint import save_checkpoint
 from worker.engine.data import Corpus, TrainBatches
 from worker.engine.evaluate import EvalResult, evaluate
-from worker.engine.hooks import CheckpointBlob, StepMetrics, TrainingError, TrainingHooks
+from worker.engine.hooks import (
+    CheckpointBlob,
+    StepMetrics,
+    StopReason,
+    TrainingError,
+    TrainingHooks,
+)
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokenizers import Tokenizer
@@ -92,14 +98,14 @@ class TrainLoop:
         return tokens / max(self.final_train_time or self.train_time(), 1e-9)
 
     # -- the loop --------------------------------------------------------------------------
-    def run(self) -> str:
+    def run(self) -> StopReason:
         """Train until a stopping rule holds; returns the stop reason. Saves ``last``."""
         t = self.spec.training
         vocab = self.model.config.vocab_size
         use_autocast = self.autocast_dtype is not None
         amp_dtype = self.autocast_dtype or torch.bfloat16
         self.model.train()
-        stop: str | None = None
+        stop: StopReason | None = None
         while stop is None:
             step = self.state.step + 1
             lr = self.schedule.lr_at(step)
@@ -143,7 +149,7 @@ class TrainLoop:
         self._checkpoint("last")
         return stop
 
-    def _budget_stop(self, step: int) -> str | None:
+    def _budget_stop(self, step: int) -> StopReason | None:
         t = self.spec.training
         if step >= t.max_steps:
             return "max_steps"
