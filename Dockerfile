@@ -25,8 +25,11 @@ WORKDIR /opt/lmforge
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 COPY pyproject.toml README.md alembic.ini ./
+COPY core ./core
+COPY store ./store
 COPY app ./app
 COPY worker ./worker
+COPY lmforge ./lmforge
 COPY migrations ./migrations
 # The project itself (its dependencies are constrained in pyproject.toml; torch is already
 # satisfied by the pinned build above).

@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.queue import Enqueuer
-from app.settings import Settings
-from app.storage import Storage
+from store.queue import Enqueuer
+from store.settings import Settings
+from store.storage import Storage
 
 
 def get_app_settings(request: Request) -> Settings:

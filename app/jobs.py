@@ -1,10 +1,8 @@
-"""Jobs: the status machine and the domain operations of the API.
+"""Jobs: the API's domain operations (create with the submission checks, cancel, reads).
 
-:func:`transition` is the one function that changes a job's status. It is a compare-and-set
-(``UPDATE jobs ... WHERE id = :id AND status IN (allowed sources)``) checked against
-:data:`ALLOWED_TRANSITIONS`, so two processes racing on one job cannot both win, and an illegal
-move is a :class:`Conflict` (409), never a silent overwrite. The runner's side (claim, metrics,
-checkpoints, finish, orphan sweep) is in :mod:`app.progress`.
+Status changes go through :func:`store.status.transition`, the one function that changes a
+job's status; the runner's side (claim, metrics, checkpoints, finish, orphan sweep) is in
+:mod:`store.progress`.
 
 Helpers take the caller's session and never commit.
 """
@@ -12,72 +10,23 @@ Helpers take the caller's session and never commit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.datasets import TextStats, builtin_stats, get_dataset
-from app.db import newest_first_page
-from app.errors import Conflict, NotFound, ValidationFailed
-from app.models import Checkpoint, CheckpointKind, Dataset, Job, JobStatus, Metric, new_id, utcnow
-from worker.engine.splits import split_bounds, tokens_needed
-from worker.spec import DatasetSource, JobSpec
+from app.datasets import get_dataset
+from core.errors import Conflict, NotFound, ValidationFailed
+from core.spec import DatasetSource, JobSpec
+from core.splits import corpus_shortfall, estimate_split_tokens
+from core.textstats import TextStats, builtin_stats
+from store.db import newest_first_page
+from store.models import Checkpoint, CheckpointKind, Dataset, Job, JobStatus, Metric, new_id
+from store.status import TERMINAL_STATES, transition
 
 log = logging.getLogger(__name__)
 
 S = JobStatus
-TERMINAL_STATES: frozenset[JobStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
-ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    # failed: the enqueue after the commit failed (enqueue_failed).
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    # queued: the orphan sweep hands a job whose worker died back to the queue, and a worker
-    # that is shutting down hands back the job it was running (app.progress.requeue_interrupted).
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
-    **{s: frozenset() for s in TERMINAL_STATES},
-}
-
-
-def transition(
-    session: Session,
-    job_id: str,
-    to: JobStatus,
-    *,
-    expect: Iterable[JobStatus] | None = None,
-    where: Iterable[ColumnElement[bool]] = (),
-    **values: Any,
-) -> None:
-    """Move job ``job_id`` to status ``to`` and set ``values`` in the same UPDATE.
-
-    Allowed only from the states of :data:`ALLOWED_TRANSITIONS` that lead to ``to`` (narrowed
-    to ``expect`` when given, and to rows matching ``where``). Sets ``started_at`` on entering
-    running and ``finished_at`` on entering a terminal state. Raises :class:`NotFound` for an
-    unknown job and :class:`Conflict` when the job is in another state."""
-    sources = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
-    if expect is not None:
-        sources &= set(expect)
-    now = utcnow()
-    if to == S.RUNNING:
-        values.setdefault("started_at", now)
-    if to in TERMINAL_STATES:
-        values.setdefault("finished_at", now)
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(sources), *where)
-        .values(status=to, **values)
-        .execution_options(synchronize_session="fetch")
-    )
-    if session.execute(stmt).rowcount == 1:  # type: ignore[attr-defined]
-        return
-    current = session.scalar(select(Job.status).where(Job.id == job_id))
-    if current is None:
-        raise NotFound(f"job {job_id!r} not found")
-    raise Conflict(
-        f"job {job_id} is {current.value}; it cannot become {to.value}",
-        code="invalid_transition",
-        details=[{"status": current.value, "requested": to.value}],
-    )
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -113,59 +62,18 @@ def _source_stats(session: Session, source: DatasetSource, field: str) -> TextSt
     return TextStats(d.num_chars, d.num_lines, d.num_words, d.bytes)
 
 
-def _split_tokens(spec: JobSpec, stats: dict[str, TextStats]) -> dict[str, int]:
-    """Tokens per split, cut by the engine's own :func:`split_bounds`: about that many for
-    ``char``/``word`` (the cut is applied to the token count); an upper bound for ``bpe``
-    (the cut is applied to characters, then :meth:`TextStats.bpe_token_bound`)."""
-    kind = spec.tokenizer.kind
-    bpe = kind == "bpe"
-    train = stats["train"]
-    n = train.num_chars if bpe else (train.tokens(kind) or 0)
-    train_end, test_start = split_bounds(spec, n, separate_validation="validation" in stats,
-                                         separate_test="test" in stats)
-    held_out = {"validation": test_start - train_end, "test": n - test_start}
-    fractions = {"validation": spec.val_fraction, "test": spec.test_fraction}
-    splits = {"train": train.bpe_token_bound(train_end) if bpe else train_end}
-    for name in ("validation", "test"):
-        if name in stats:
-            other = stats[name]
-            splits[name] = (other.bpe_token_bound(other.num_chars) if bpe
-                            else other.tokens(kind) or 0)
-        elif fractions[name] > 0:
-            splits[name] = train.bpe_token_bound(held_out[name]) if bpe else held_out[name]
-    return splits
-
-
 def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
-    """422 unless each split holds enough tokens: train one batch of batch_size x
-    (seq_len + 1), validation/test at least 2. For ``bpe`` the counts are upper bounds (its
-    vocabulary is not trained yet): a bound that suffices proves nothing, and the worker checks
-    the real counts (``corpus_too_small``)."""
-    kind = spec.tokenizer.kind
-    splits = _split_tokens(spec, stats)
-    bound = kind == "bpe"
-    about = "at most" if bound else "about"
-    why = " (byte-level BPE makes at most one token per UTF-8 byte)" if bound else ""
-    b, t = spec.training.batch_size, spec.training.seq_len
-    need = tokens_needed(spec)
-    for name, have in splits.items():
-        if have >= need[name]:
-            continue
-        if name == "train":
-            msg = (f"the training split has {about} {have} {kind} tokens{why} but one batch "
-                   f"needs batch_size x (seq_len + 1) = {b} x {t + 1} = {need[name]}; use more "
-                   f"text or a smaller batch_size or seq_len")
-            field = "training.batch_size"
-        else:
-            msg = (f"the {name} split has {about} {have} tokens{why} but evaluation needs at "
-                   f"least {need[name]}")
-            field = name if name in stats else ("val_fraction" if name == "validation"
-                                                else "test_fraction")
-        raise ValidationFailed(
-            msg, code="corpus_too_small", field=field,
-            details=[{"split": name, "tokens": have, "needed": need[name],
-                      "batch_size": b, "seq_len": t}],
-        )
+    """422 ``corpus_too_small`` unless each split holds enough tokens (:mod:`core.splits`
+    owns the arithmetic and the message). For ``bpe`` the counts are upper bounds (its
+    vocabulary is not trained yet), and the worker checks the real counts."""
+    shortfall = corpus_shortfall(
+        spec, estimate_split_tokens(spec, stats),
+        accuracy="at most" if spec.tokenizer.kind == "bpe" else "about",
+        separate=frozenset(stats) - {"train"},
+    )
+    if shortfall is not None:
+        raise ValidationFailed(shortfall.message, code="corpus_too_small",
+                               field=shortfall.field, details=[shortfall.details(spec)])
 
 
 def validate_sources(session: Session, spec: JobSpec) -> None:
@@ -233,17 +141,6 @@ def cancel_job(session: Session, job_id: str) -> Job:
     raise Conflict(
         f"job {job_id} is already {job.status.value}", code="job_finished",
         details=[{"status": job.status.value}],
-    )
-
-
-def mark_enqueue_failed(session: Session, job_id: str, reason: str) -> None:
-    """The job was committed but its message never reached the broker: fail it (rather than
-    leave it queued forever) so the caller can see why and resubmit."""
-    transition(
-        session, job_id, S.FAILED, expect=[S.QUEUED],
-        error={"code": "enqueue_failed",
-               "message": f"the job could not be queued (broker unreachable: {reason}); "
-                          f"submit it again when the broker is back"},
     )
 
 

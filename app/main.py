@@ -13,14 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app.celery_config import make_celery
-from app.db import make_engine, make_session_factory, upgrade_database
-from app.errors import install_error_handlers
-from app.queue import CeleryEnqueuer, Enqueuer
+from app.http_errors import install_error_handlers
 from app.routes import api_router, health_router
-from app.settings import Settings, get_settings
-from app.storage import LocalStorage, Storage
-from worker.spec import JobSpec
+from core.spec import JobSpec
+from store.db import make_engine, make_session_factory, upgrade_database
+from store.queue import CeleryEnqueuer, Enqueuer, make_celery
+from store.settings import Settings, get_settings
+from store.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (pydantic v2). Request bodies: ``worker.spec.JobSpec``."""
+"""Response bodies of the HTTP API (pydantic v2). Request bodies: ``core.spec.JobSpec``."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def corpus_path(tmp: Path) -> Path:
     if p.is_file():
         return p
     sys.path.insert(0, str(ROOT))
-    from worker.engine.corpora import builtin_corpus
+    from core.corpora import builtin_corpus
 
     out = tmp / "python-docs.txt"
     out.write_text(builtin_corpus("python-docs"), encoding="utf-8")
@@ -56,9 +56,9 @@ def run_child(cmd: list[str]) -> tuple[dict, float]:
 def engine_child(a: argparse.Namespace) -> None:
     """Run the engine with the reference's settings; print one JSON line."""
     sys.path.insert(0, str(ROOT))
-    from worker.engine.hooks import CorpusTexts
+    from core.contract import CorpusTexts
+    from core.spec import JobSpec
     from worker.engine.trainer import train
-    from worker.spec import JobSpec
 
     class Hooks:
         def __init__(self) -> None:

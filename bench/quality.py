@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.hooks import CorpusTexts  # noqa: E402
+from core.contract import CorpusTexts  # noqa: E402
+from core.spec import JobSpec  # noqa: E402
 from worker.engine.trainer import train  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
 
 
 class PrintHooks:

@@ -1,6 +1,6 @@
 """Alembic environment: online migrations only, batch mode on SQLite (ALTER via copy-and-move).
 
-The URL comes from the Alembic config (``app.db.alembic_config`` sets it from
+The URL comes from the Alembic config (``store.db.alembic_config`` sets it from
 ``Settings.sqlalchemy_url``; ``alembic.ini`` falls back to ``DATABASE_URL``/``LMFORGE_HOME``).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from app.db import is_sqlite, make_engine
-from app.models import Base
+from store.db import is_sqlite, make_engine
+from store.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -20,7 +20,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     return get_settings().sqlalchemy_url
 

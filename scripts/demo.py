@@ -29,8 +29,8 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app import proctree
-from app.embedded import free_port, kill_process_group, spawn
+from lmforge import proctree
+from lmforge.processes import free_port, kill_process_group, spawn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOME = REPO_ROOT / "var" / "demo"
@@ -81,7 +81,7 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "wb") as log:
             self.proc = spawn(
-                [sys.executable, "-m", "app.cli", "up", "--port", str(self.port)],
+                [sys.executable, "-m", "lmforge.cli", "up", "--port", str(self.port)],
                 env=env,
                 log=log,
             )

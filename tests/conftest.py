@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app import proctree
-from app.embedded import (
+from lmforge import proctree
+from lmforge.processes import (
     EmbeddedServerError,
     PostgresServer,
     RedisServer,
@@ -43,7 +43,6 @@ from app.embedded import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SERVICE_START_TIMEOUT_S = 90.0
 
 # -- processes -----------------------------------------------------------------------------------
@@ -202,7 +201,7 @@ def start_service(
             "REDIS_URL": svc_redis,
             "PYTHONUNBUFFERED": "1",
         }
-        cli = [sys.executable, "-m", "app.cli"]
+        cli = [sys.executable, "-m", "lmforge.cli"]
         upgrade = subprocess.run(
             [*cli, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
         )

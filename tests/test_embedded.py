@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from app.embedded import EmbeddedServerError, PostgresServer, RedisServer, free_port
+from lmforge.processes import EmbeddedServerError, PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,7 +72,7 @@ def test_servers_die_with_a_killed_parent(tmp_path: Path, procs: Any) -> None:
     script = textwrap.dedent(
         f"""
         import sys, time
-        from app.embedded import PostgresServer, RedisServer
+        from lmforge.processes import PostgresServer, RedisServer
         redis = RedisServer(dir={str(tmp_path / "redis")!r}).start()
         pg = PostgresServer.temporary().start()
         print(pg._temp_root, flush=True)

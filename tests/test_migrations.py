@@ -10,8 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from app.db import downgrade_database, make_engine, upgrade_database
-from app.models import Base
+from store.db import downgrade_database, make_engine, upgrade_database
+from store.models import Base
 
 TABLES = {"alembic_version", "checkpoints", "datasets", "jobs", "metrics"}
 

@@ -14,24 +14,26 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.datasets import add_dataset, new_dataset_id, storage_key, text_stats
-from app.db import make_engine, make_session_factory, session_scope, upgrade_database
+from app.datasets import add_dataset, new_dataset_id, storage_key
 from app.jobs import create_job
-from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
-from app.progress import sweep_orphans
-from app.settings import Settings
-from app.storage import LocalStorage
+from core.corpora import find_corpus
+from core.spec import JobSpec, TokenizerSpec
+from core.textstats import text_stats
+from store.db import make_engine, make_session_factory, session_scope, upgrade_database
+from store.models import Checkpoint, Job, JobStatus, Metric, utcnow
+from store.progress import sweep_orphans
+from store.settings import Settings
+from store.storage import LocalStorage
 from worker.engine.tokenizers import build_tokenizer
 from worker.runner import run_job, sweep_and_requeue
-from worker.spec import JobSpec, TokenizerSpec
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = find_corpus("tinyshakespeare/input.txt")
 
 
 def _corpus() -> str:
-    if SHAKESPEARE.is_file():
+    if SHAKESPEARE is not None:
         return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
-    from worker.engine.corpora import builtin_corpus
+    from core.corpora import builtin_corpus
 
     return builtin_corpus("python-docs")[:20_000]
 

@@ -1,6 +1,6 @@
 """The worker's Celery application: ``celery -A worker.celery_app worker`` (``lmforge worker``).
 
-The configuration is :func:`app.celery_config.make_celery`, shared with the API. Nothing here
+The configuration is :func:`store.queue.make_celery`, shared with the API. Nothing here
 imports torch: the prefork pool forks its children after this module is loaded, and torch must
 only be loaded inside the task, in the child (``../shared/FIELD-NOTES.md``).
 
@@ -30,8 +30,8 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from app.celery_config import make_celery
-from app.settings import get_settings
+from store.queue import make_celery
+from store.settings import get_settings
 
 log = logging.getLogger(__name__)
 

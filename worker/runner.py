@@ -8,7 +8,7 @@ that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
 
 A worker that is shutting down sets the ``shutdown`` event given to :func:`run_job`: the engine
 then stops at its next ``should_stop`` poll (every ``log_interval`` steps) with a ``last``
-checkpoint, and the job goes back to queued (:func:`app.progress.requeue_interrupted`) for the
+checkpoint, and the job goes back to queued (:func:`store.progress.requeue_interrupted`) for the
 next worker to resume from that checkpoint.
 
 No torch at import: the engine is imported inside :func:`run_job`, i.e. in the pool child.
@@ -24,9 +24,11 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import session_scope
-from app.models import Dataset, JobStatus
-from app.progress import (
+from core.contract import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
+from core.spec import DatasetSource, JobSpec
+from store.db import session_scope
+from store.models import Dataset, JobStatus
+from store.progress import (
     JobLost,
     claim_job,
     finish_job,
@@ -37,11 +39,9 @@ from app.progress import (
     requeue_interrupted,
     sweep_orphans,
 )
-from app.queue import Enqueuer
-from app.settings import Settings
-from app.storage import Storage
-from worker.engine.hooks import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
-from worker.spec import DatasetSource, JobSpec
+from store.queue import Enqueuer
+from store.settings import Settings
+from store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def default_worker_id() -> str:
 
 
 class DatabaseHooks:
-    """:class:`worker.engine.hooks.TrainingHooks` writing to the database and storage.
+    """:class:`core.contract.TrainingHooks` writing to the database and storage.
 
     ``should_stop`` is free: it returns a flag refreshed by every metrics flush and heartbeat
     (``cancel_requested``), or set when the job was taken from this attempt, or the
@@ -132,7 +132,7 @@ class _Heartbeat(threading.Thread):
 
 def _read_source(source: DatasetSource, factory: SessionFactory, storage: Storage) -> str:
     if source.builtin is not None:
-        from worker.engine.corpora import builtin_corpus
+        from core.corpora import builtin_corpus
 
         return builtin_corpus(source.builtin)
     if source.id is None:
@@ -248,9 +248,9 @@ def sweep_and_requeue(
     session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings
 ) -> list[str]:
     """Re-enqueue running jobs whose worker died (stale heartbeat); see
-    :func:`app.progress.sweep_orphans`. A job whose enqueue fails is marked failed
+    :func:`store.progress.sweep_orphans`. A job whose enqueue fails is marked failed
     (``enqueue_failed``), as in the API. Returns the re-enqueued ids."""
-    from app.jobs import mark_enqueue_failed
+    from store.status import mark_enqueue_failed
 
     with session_scope(session_factory) as s:
         ids = sweep_orphans(s, heartbeat_timeout_s=settings.heartbeat_timeout_s,

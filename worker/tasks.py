@@ -13,12 +13,11 @@ from functools import cache
 from celery.exceptions import Reject
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.celery_config import TRAIN_TASK
-from app.db import make_engine, make_session_factory
-from app.models import JobStatus
-from app.queue import CeleryEnqueuer
-from app.settings import get_settings
-from app.storage import LocalStorage
+from store.db import make_engine, make_session_factory
+from store.models import JobStatus
+from store.queue import TRAIN_TASK, CeleryEnqueuer
+from store.settings import get_settings
+from store.storage import LocalStorage
 from worker.celery_app import SHUTDOWN, celery
 from worker.runner import run_job, sweep_and_requeue
 

@@ -12,7 +12,6 @@ from fastapi.responses import StreamingResponse
 
 from app import jobs
 from app.deps import EnqueuerDep, SessionDep, StorageDep
-from app.errors import ServiceUnavailable
 from app.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -22,7 +21,9 @@ from app.schemas import (
     MetricList,
     MetricOut,
 )
-from worker.spec import JobSpec
+from core.errors import ServiceUnavailable
+from core.spec import JobSpec
+from store.status import mark_enqueue_failed
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def create_job(
         enqueuer.enqueue(job.id)
     except Exception as exc:
         log.exception("enqueue of %s failed", job.id)
-        jobs.mark_enqueue_failed(session, job.id, f"{type(exc).__name__}: {exc}")
+        mark_enqueue_failed(session, job.id, f"{type(exc).__name__}: {exc}")
         session.commit()
         raise ServiceUnavailable(
             f"job {job.id} was recorded but could not be queued: the broker is unreachable; "

@@ -13,9 +13,9 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.datasets import TextCounter, TextStats
-from app.errors import PayloadTooLarge, ValidationFailed
-from app.storage import BlobWriter, Storage
+from core.errors import PayloadTooLarge, ValidationFailed
+from core.textstats import TextCounter, TextStats
+from store.storage import BlobWriter, Storage
 
 MAX_NAME_BYTES = 800
 # Multipart framing (boundaries, part headers, the name field) on top of the file itself.

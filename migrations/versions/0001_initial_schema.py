@@ -5,8 +5,8 @@ Revises:
 Create Date: 2026-11-29
 
 Enums are VARCHAR(16) holding the value (no native PostgreSQL ENUM type, no CHECK), timestamps
-are ``TIMESTAMP WITH TIME ZONE`` (SQLite stores UTC text; ``app.models.UTCDateTime`` re-attaches
-the zone on read). Constraint names follow ``app.models.NAMING_CONVENTION``.
+are ``TIMESTAMP WITH TIME ZONE`` (SQLite stores UTC text; ``store.models.UTCDateTime`` re-attaches
+the zone on read). Constraint names follow ``store.models.NAMING_CONVENTION``.
 """
 
 from __future__ import annotations

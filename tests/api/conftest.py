@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.deps import get_enqueuer
 from app.main import create_app
-from app.settings import Settings
+from store.settings import Settings
 
 # Enough text for the default spec: one batch of 32 x 65 tokens after holding out 10%.
 CORPUS = "the quick brown fox jumps over the lazy dog\n" * 80  # 3520 chars, 720 words

@@ -4,8 +4,8 @@ import hashlib
 
 from fastapi.testclient import TestClient
 
-from app.datasets import TextCounter, text_stats
-from app.settings import Settings
+from core.textstats import TextCounter, text_stats
+from store.settings import Settings
 from tests.api.conftest import CORPUS, upload
 
 

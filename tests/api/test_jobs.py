@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import session_scope
-from app.models import JobStatus
-from app.progress import claim_job
+from store.db import session_scope
+from store.models import JobStatus
+from store.progress import claim_job
 from tests.api.conftest import RecordingEnqueuer, small_spec, upload
 
 

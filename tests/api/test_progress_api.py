@@ -9,10 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import session_scope
-from app.errors import Conflict
-from app.models import Job, JobStatus
-from app.progress import (
+from core.contract import CheckpointBlob, StepMetrics
+from core.errors import Conflict
+from store.db import session_scope
+from store.models import Job, JobStatus
+from store.progress import (
     JobLost,
     claim_job,
     finish_job,
@@ -20,9 +21,8 @@ from app.progress import (
     record_checkpoint,
     record_metrics,
 )
-from app.storage import LocalStorage
+from store.storage import LocalStorage
 from tests.api.conftest import small_spec
-from worker.engine.hooks import CheckpointBlob, StepMetrics
 
 Factory = sessionmaker[Session]
 
@@ -155,7 +155,7 @@ def test_second_claim_of_the_same_job_returns_none(
 
 
 def test_illegal_transition_is_a_conflict(running: str, session_factory: Factory) -> None:
-    from app.jobs import transition
+    from store.status import transition
 
     with session_scope(session_factory) as s:
         transition(s, running, JobStatus.SUCCEEDED)

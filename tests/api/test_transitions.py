@@ -3,8 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from app.jobs import ALLOWED_TRANSITIONS, TERMINAL_STATES
-from app.models import JobStatus as S
+from store.models import JobStatus as S
+from store.status import ALLOWED_TRANSITIONS, TERMINAL_STATES
 
 
 def test_transition_table_covers_every_state_and_terminal_states_are_final() -> None:
@@ -16,7 +16,7 @@ def test_transition_table_covers_every_state_and_terminal_states_are_final() -> 
 
 
 def test_api_process_never_imports_torch() -> None:
-    code = ("import sys, app.main, app.progress, worker.celery_app, worker.tasks; "
+    code = ("import sys, app.main, store.progress, worker.celery_app, worker.tasks; "
             "from fastapi.testclient import TestClient; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from core.corpora import find_corpus
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = find_corpus("tinyshakespeare/input.txt")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Safety nets for polling, not assertions about speed: a test fails at its pytest-timeout first.
 WAIT_TIMEOUT_S = 150.0
@@ -126,7 +128,7 @@ class Api:
 @pytest.fixture(scope="session")
 def data_source(service: Any) -> dict[str, Any]:
     """tinyshakespeare uploaded to the service, or the built-in corpus when it is absent."""
-    if not SHAKESPEARE.is_file():
+    if SHAKESPEARE is None:
         return {"dataset": {"builtin": "python-docs"}}
     with SHAKESPEARE.open("rb") as f:
         response = service.client.post(

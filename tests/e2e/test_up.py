@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.embedded import free_port
+from lmforge.processes import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -31,7 +31,7 @@ class Up:
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "up", "--port", str(self.port)],
+                [sys.executable, "-m", "lmforge.cli", "up", "--port", str(self.port)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,7 +139,7 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, procs: Any)
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
         env["LMFORGE_HOME"] = str(tmp_path)
         result = subprocess.run(
-            [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+            [sys.executable, "-m", "lmforge.cli", "up", "--port", str(port)],
             env=env,
             capture_output=True,
             text=True,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.embedded import spawn
+from lmforge.processes import spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -27,7 +27,7 @@ def _start_worker(service: Any) -> None:
         "REDIS_URL": service.redis_url,
         "PYTHONUNBUFFERED": "1",
     }
-    argv = [sys.executable, "-m", "app.cli", "worker", "--concurrency", "1",
+    argv = [sys.executable, "-m", "lmforge.cli", "worker", "--concurrency", "1",
             "--hostname", f"{service.name}@%h"]
     with open(service.logs["worker"], "ab") as log:
         service.procs["worker"] = spawn(argv, env=env, log=log)

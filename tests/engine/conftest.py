@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from worker.engine.corpora import builtin_corpus
-from worker.engine.hooks import CheckpointBlob, StepMetrics
-from worker.spec import JobSpec
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from core.contract import CheckpointBlob, StepMetrics
+from core.corpora import builtin_corpus, find_corpus
+from core.spec import JobSpec
 
 
 class RecordingHooks:
@@ -39,8 +36,8 @@ class RecordingHooks:
 @pytest.fixture(scope="session")
 def small_text() -> str:
     """About 40k characters of real English text (tinyshakespeare when present)."""
-    p = SHARED / "tinyshakespeare" / "input.txt"
-    text = p.read_text(encoding="utf-8") if p.is_file() else builtin_corpus("python-docs")
+    p = find_corpus("tinyshakespeare/input.txt")
+    text = p.read_text(encoding="utf-8") if p is not None else builtin_corpus("python-docs")
     return text[:40_000]
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.contract import CorpusTexts, TrainingError
+from core.spec import JobSpec, ModelSpec
+from core.splits import split_texts
 from worker.engine.data import eval_streams
 from worker.engine.evaluate import evaluate, perplexity
-from worker.engine.hooks import CorpusTexts, TrainingError
 from worker.engine.model import LSTMLanguageModel
-from worker.engine.splits import split_texts
 from worker.engine.trainer import train
-from worker.spec import JobSpec, ModelSpec
 
 from .conftest import RecordingHooks, make_spec
 

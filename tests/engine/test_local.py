@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.local import resolve_texts, sample_command, train_command
-from worker.spec import JobSpec
+from core.spec import JobSpec
+from lmforge.local import resolve_texts, sample_command, train_command
 
 
 def test_train_command_writes_verified_checkpoints_and_one_json_line(

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from core.contract import CorpusTexts
 from worker.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
-from worker.engine.hooks import CorpusTexts
 from worker.engine.sample import sample
 from worker.engine.trainer import train
 

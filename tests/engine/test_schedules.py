@@ -1,4 +1,4 @@
-"""Learning-rate schedules, checked against their definitions (worker.spec.ScheduleSpec,
+"""Learning-rate schedules, checked against their definitions (core.spec.ScheduleSpec,
 worker.engine.schedule.LRSchedule) through the real trainer's per-step ``lr`` metric, and the
 plateau counter directly with chosen validation losses."""
 
@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from worker.engine.hooks import CorpusTexts
+from core.contract import CorpusTexts
+from core.spec import ScheduleSpec
 from worker.engine.schedule import LRSchedule
 from worker.engine.trainer import train
-from worker.spec import ScheduleSpec
 
 from .conftest import RecordingHooks, make_spec
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.spec import TokenizerSpec
 from worker.engine.tokenizers import build_tokenizer, tokenizer_from_json
-from worker.spec import TokenizerSpec
 
 
 def test_char_round_trips_and_maps_unseen_characters_to_unk() -> None:

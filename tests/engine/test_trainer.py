@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
+from core.contract import CorpusTexts, TrainingError
 from worker.engine import loop as loop_module
-from worker.engine.hooks import CorpusTexts, TrainingError
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.sample import sample
 from worker.engine.trainer import train

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from worker.engine.hooks import TrainingError
+from core.contract import TrainingError
+from core.spec import JobSpec
 from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model
 from worker.engine.tokenizers import Tokenizer, tokenizer_from_json
-from worker.spec import JobSpec
 
 FORMAT = "lmforge.checkpoint.v1"
 TIED_KEY = "decoder.weight"

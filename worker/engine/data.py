@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.splits import SplitTexts, check_token_counts
+from core.contract import TrainingError
+from core.spec import JobSpec
+from core.splits import SplitTexts, corpus_shortfall
 from worker.engine.tokenizers import Tokenizer
-from worker.spec import JobSpec
 
 
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -93,5 +94,8 @@ def encode_splits(spec: JobSpec, parts: SplitTexts, tok: Tokenizer) -> Corpus:
 
     train, val = enc(parts.train), enc(parts.validation)
     test = None if parts.test is None else enc(parts.test)
-    check_token_counts(spec, train.numel(), val.numel(), None if test is None else test.numel())
+    shortfall = corpus_shortfall(spec, {"train": train.numel(), "validation": val.numel(),
+                                        "test": None if test is None else test.numel()})
+    if shortfall is not None:
+        raise TrainingError("corpus_too_small", shortfall.message)
     return Corpus(train, val, test)

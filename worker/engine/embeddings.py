@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from worker.engine.hooks import TrainingError
+from core.contract import TrainingError
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.tokenizers import Tokenizer
 

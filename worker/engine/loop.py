@@ -18,20 +18,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.checkpoint import save_checkpoint
-from worker.engine.data import Corpus, TrainBatches
-from worker.engine.evaluate import EvalResult, evaluate
-from worker.engine.hooks import (
+from core.contract import (
     CheckpointBlob,
     StepMetrics,
     StopReason,
     TrainingError,
     TrainingHooks,
 )
+from core.spec import JobSpec
+from worker.engine.checkpoint import save_checkpoint
+from worker.engine.data import Corpus, TrainBatches
+from worker.engine.evaluate import EvalResult, evaluate
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokenizers import Tokenizer
-from worker.spec import JobSpec
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from worker.spec import EarlyStoppingSpec, ScheduleSpec
+from core.spec import EarlyStoppingSpec, ScheduleSpec
 
 
 @dataclass

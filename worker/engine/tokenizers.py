@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from typing import Any, Protocol
 
-from worker.spec import TokenizerSpec
+from core.spec import TokenizerSpec
 
 UNK = "<unk>"
 EOS = "<eos>"

@@ -16,17 +16,17 @@ import random
 
 import torch
 
+from core.contract import CorpusTexts, TrainingError, TrainingHooks, TrainingResult
+from core.spec import JobSpec, OptimizerSpec
+from core.splits import split_texts
 from worker.engine.checkpoint import load_checkpoint
 from worker.engine.data import TrainBatches, batchify, encode_splits
 from worker.engine.embeddings import load_pretrained
 from worker.engine.evaluate import evaluate, perplexity
-from worker.engine.hooks import CorpusTexts, TrainingError, TrainingHooks, TrainingResult
 from worker.engine.loop import RunState, TrainLoop
 from worker.engine.model import ModelConfig, build_model
 from worker.engine.schedule import EarlyStopping, LRSchedule
-from worker.engine.splits import split_texts
 from worker.engine.tokenizers import build_tokenizer
-from worker.spec import JobSpec, OptimizerSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from app.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge
 
 CHUNK_BYTES = 1 << 20
 

@@ -110,7 +110,7 @@ def newest_first_page(
     """One page of ``model`` rows, newest first, and whether more follow. ``after`` is the id
     of the last row of the previous page: a keyset cursor over ``(created_at, id)``, stable
     while new rows arrive. Raises ``ValidationFailed`` (field ``after``) for an unknown id."""
-    from app.errors import ValidationFailed
+    from core.errors import ValidationFailed
 
     created, ident = model.created_at, model.id  # type: ignore[attr-defined]
     query = select(model).order_by(created.desc(), ident.desc())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from app.supervisor import run_up  # noqa: PLC0415
+    from lmforge.supervisor import run_up  # noqa: PLC0415
 
     return run_up(args.host, args.port, concurrency=args.concurrency)
 
@@ -68,8 +68,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from app.db import upgrade_database  # noqa: PLC0415
-    from app.settings import get_settings  # noqa: PLC0415
+    from store.db import upgrade_database  # noqa: PLC0415
+    from store.settings import get_settings  # noqa: PLC0415
 
     settings = get_settings()
     if settings.database_url is None:
@@ -80,13 +80,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from worker.local import train_command  # noqa: PLC0415 - imports torch
+    from lmforge.local import train_command  # noqa: PLC0415 - imports torch
 
     return int(train_command(Path(args.spec), Path(args.output)))
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from worker.local import sample_command  # noqa: PLC0415 - imports torch
+    from lmforge.local import sample_command  # noqa: PLC0415 - imports torch
 
     return int(
         sample_command(

@@ -1,4 +1,5 @@
-"""Domain exceptions, their one mapping to HTTP statuses and the one JSON error shape.
+"""The one mapping of domain errors (``core.errors``) to HTTP statuses and the one JSON error
+shape.
 
 Every 4xx/5xx answer of the API has the body::
 
@@ -17,55 +18,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import LMForgeError
+
 log = logging.getLogger(__name__)
-
-
-class LMForgeError(Exception):
-    """Base of the domain errors: a code for machines, a message for people, optionally the
-    request field at fault (dotted path, e.g. ``model.tie_weights``)."""
-
-    status_code = 500
-    code = "internal_error"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        field: str | None = None,
-        details: list[dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.field = field
-        self.details = details or []
-
-
-class NotFound(LMForgeError):
-    status_code = 404
-    code = "not_found"
-
-
-class Conflict(LMForgeError):
-    status_code = 409
-    code = "conflict"
-
-
-class ValidationFailed(LMForgeError):
-    status_code = 422
-    code = "validation_error"
-
-
-class PayloadTooLarge(LMForgeError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class ServiceUnavailable(LMForgeError):
-    status_code = 503
-    code = "service_unavailable"
 
 
 class ErrorDetail(BaseModel):

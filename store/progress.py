@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, NotFound
-from app.jobs import transition
-from app.models import Checkpoint, CheckpointKind, Job, JobStatus, Metric, new_id, utcnow
-from app.storage import Storage, sha256_hex
-from worker.engine.hooks import CheckpointBlob, StepMetrics
+from core.contract import CheckpointBlob, StepMetrics
+from core.errors import Conflict, NotFound
+from store.models import Checkpoint, CheckpointKind, Job, JobStatus, Metric, new_id, utcnow
+from store.status import transition
+from store.storage import Storage, sha256_hex
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from app.embedded import RedisServer, kill_process_group, spawn
+from lmforge.processes import RedisServer, kill_process_group, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Supervisor:
         self._upgrade_database()
         self._check_stop()
         env = os.environ.copy()
-        cli = [sys.executable, "-m", "app.cli"]
+        cli = [sys.executable, "-m", "lmforge.cli"]
         worker = spawn([*cli, "worker", "--concurrency", str(self.concurrency)], env=env)
         self.children.append(_Child("worker", worker, WORKER_STOP_TIMEOUT_S))
         api = spawn([*cli, "api", "--host", self.host, "--port", str(self.port)], env=env)
@@ -133,8 +133,8 @@ class Supervisor:
                 ) from exc
 
     def _upgrade_database(self) -> None:
-        from app.db import upgrade_database  # noqa: PLC0415 - SQLAlchemy/Alembic only here
-        from app.settings import get_settings  # noqa: PLC0415
+        from store.db import upgrade_database  # noqa: PLC0415 - SQLAlchemy/Alembic only here
+        from store.settings import get_settings  # noqa: PLC0415
 
         get_settings.cache_clear()  # the environment was just completed above
         try:

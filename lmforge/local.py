@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.engine.corpora import builtin_corpus
-from worker.engine.hooks import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
-from worker.spec import DatasetSource, JobSpec
+from core.contract import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
+from core.corpora import builtin_corpus
+from core.spec import DatasetSource, JobSpec
 
 log = logging.getLogger(__name__)
 

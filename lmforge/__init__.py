@@ -1,0 +1,1 @@
+"""Entry points: the ``lmforge`` command, ``lmforge up`` and the process helpers they need."""

@@ -1,0 +1,1 @@
+"""Test-only helpers: the embedded PostgreSQL server, process-tree inspection, safe removal."""
