@@ -1,11 +1,19 @@
-"""Response bodies of the HTTP API (pydantic v2). Request bodies: ``core.spec.JobSpec``."""
+"""Response bodies of the HTTP API (pydantic v2). Request bodies: ``core.spec.JobSpec``.
+
+The metric and result models are derived from the engine contract's dataclasses
+(``core.contract``), so each field is defined once; ``tests/test_one_definition.py`` pins it."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
+
+from core.contract import StepMetrics, TrainingResult
+from store.models import Metric
 
 
 class _FromRow(BaseModel):
@@ -63,24 +71,34 @@ class JobList(BaseModel):
     next_after: str | None  # pass as ?after= for the next (older) page
 
 
-class MetricOut(_FromRow):
-    step: int
-    epoch: float
-    train_loss: float
-    lr: float
-    grad_norm: float
-    tokens_per_s: float
-    elapsed_s: float
-    tokens_seen: int
-    val_loss: float | None
-    val_ppl: float | None
-    val_bpc: float | None
-    val_accuracy: float | None
-    val_top5_accuracy: float | None
+def _optional_fields(source: type[Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+    """``create_model`` field definitions for every field of the dataclass ``source``, each
+    optional (a job kind that does not report a value leaves it null)."""
+    hints = get_type_hints(source)
+    return {f.name: (hints[f.name] | None, None) for f in dataclasses.fields(source)
+            if f.name not in skip}
+
+
+# A step's metrics: derived from core.contract.StepMetrics (the one definition of the
+# language-model metrics, their units in its docstring); other job kinds' named metrics pass
+# through as extra fields.
+MetricOut: type[BaseModel] = create_model(
+    "MetricOut",
+    __config__=ConfigDict(extra="allow"),
+    __doc__="One optimizer step's metrics. Losses are cross-entropy in nats per token; "
+            "``val_*`` are set only on steps where validation ran.",
+    step=(int, ...),
+    **_optional_fields(StepMetrics, skip=("step",)),
+)
+
+
+def metric_out(row: Metric) -> BaseModel:
+    """A stored metric row as the API returns it: ``{"step": ..., **values}``."""
+    return MetricOut.model_validate({"step": row.step, **row.values})
 
 
 class MetricList(BaseModel):
-    data: list[MetricOut]
+    data: list[MetricOut]  # type: ignore[valid-type]
     has_more: bool
 
 
@@ -99,33 +117,19 @@ class CheckpointList(BaseModel):
     data: list[CheckpointOut]
 
 
-class JobResultOut(BaseModel):
-    """The outcome of a finished job. Losses are nats/token; ``*_ppl`` = exp(loss)."""
-
-    job_id: str
-    status: str
-    stop_reason: str | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    tokens_seen: int | None = None
-    duration_s: float | None = None
-    train_tokens_per_s: float | None = None
-    final_val_loss: float | None = None
-    final_val_ppl: float | None = None
-    best_val_loss: float | None = None
-    best_val_ppl: float | None = None
-    best_step: int | None = None
-    best_checkpoint_id: str | None = None
-    last_checkpoint_id: str | None = None
-    vocab_size: int | None = None
-    num_params: int | None = None
-    test_loss: float | None = None
-    test_ppl: float | None = None
-    test_bpc: float | None = None
-    test_accuracy: float | None = None
-    test_top5_accuracy: float | None = None
-    embedding_coverage: float | None = None
-    error: JobError | None = None
+# The outcome of a finished job: derived from core.contract.TrainingResult (what the engine
+# returns), plus what the service adds. Extra fields (other job kinds' results) pass through.
+JobResultOut: type[BaseModel] = create_model(
+    "JobResultOut",
+    __config__=ConfigDict(extra="allow"),
+    __doc__="The outcome of a finished job. Losses are nats/token; ``*_ppl`` = exp(loss).",
+    job_id=(str, ...),
+    status=(str, ...),
+    best_checkpoint_id=(str | None, None),
+    last_checkpoint_id=(str | None, None),
+    error=(JobError | None, None),
+    **_optional_fields(TrainingResult),
+)
 
 
 class Health(BaseModel):

@@ -1,17 +1,33 @@
 """The engine's boundary: what goes in (texts, a spec), what comes out (metrics, checkpoints,
 a result) and the one exception it raises. Pure Python: no torch, no service code.
 
+These dataclasses are the one definition of each concept: the database stores a step's metrics
+as named values (``store.models.Metric.values``), and the API's response models are derived
+from :class:`StepMetrics` and :class:`TrainingResult` (``app.schemas``), so a new metric or
+result field is added here and nowhere else. A new job kind reports its own named metrics
+through any :class:`MetricRow` without a schema migration.
+
 The engine never touches HTTP, SQL or Celery; the worker's runner and ``lmforge train``
 implement :class:`TrainingHooks` to persist what the engine reports.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-CheckpointKind = Literal["best", "last", "periodic"]
+
+class CheckpointKind(enum.StrEnum):
+    """``best``: lowest validation loss so far (weights only); ``last``: the end of a run or
+    of an attempt (full state for exact resume); ``periodic``: every
+    ``training.checkpoint_interval`` steps (full state, newest ``keep_checkpoints`` kept)."""
+
+    BEST = "best"
+    LAST = "last"
+    PERIODIC = "periodic"
+
 # Why a run ended: the stopping rule that held first, or a stop asked for through the hooks.
 StopReason = Literal[
     "max_steps", "max_epochs", "max_tokens", "max_runtime_s", "early_stopping", "cancelled"
@@ -83,6 +99,16 @@ class StepMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class MetricRow(Protocol):
+    """What the persistence layer stores per step: the step and named values (floats, ints or
+    None). :class:`StepMetrics` is the language-model job's row; other job kinds bring their
+    own names (``val_*`` names are the ones measured on validation steps)."""
+
+    step: int
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass

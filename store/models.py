@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.contract import CheckpointKind
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -75,12 +77,6 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-class CheckpointKind(enum.StrEnum):
-    BEST = "best"
-    LAST = "last"
-    PERIODIC = "periodic"
 
 
 def _str_enum(cls: type[enum.StrEnum], name: str) -> Enum:
@@ -140,7 +136,10 @@ class Job(Base):
 
 
 class Metric(Base):
-    """One row per optimizer step; ``val_*`` only on steps where validation ran."""
+    """One row per (job, optimizer step), keyed and ordered by the step. ``values`` holds the
+    step's named metrics as JSON (``core.contract.StepMetrics`` for language-model jobs:
+    ``train_loss``, ``lr``, ..., ``val_*`` only on steps where validation ran), so a job kind
+    reports its own metrics without a schema migration per metric."""
 
     __tablename__ = "metrics"
 
@@ -148,18 +147,7 @@ class Metric(Base):
         ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
     step: Mapped[int] = mapped_column(primary_key=True)
-    epoch: Mapped[float]
-    train_loss: Mapped[float]  # nats/token
-    lr: Mapped[float]
-    grad_norm: Mapped[float]
-    tokens_per_s: Mapped[float]
-    elapsed_s: Mapped[float]
-    tokens_seen: Mapped[int] = mapped_column(BigInteger)
-    val_loss: Mapped[float | None]
-    val_ppl: Mapped[float | None]
-    val_bpc: Mapped[float | None]
-    val_accuracy: Mapped[float | None]
-    val_top5_accuracy: Mapped[float | None]
+    values: Mapped[dict[str, Any]]
 
 
 class Checkpoint(Base):

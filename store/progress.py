@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.contract import CheckpointBlob, StepMetrics
+from core.contract import CheckpointBlob, MetricRow
 from core.errors import Conflict, NotFound
 from store.models import Checkpoint, CheckpointKind, Job, JobStatus, Metric, new_id, utcnow
 from store.status import transition
@@ -28,7 +28,6 @@ from store.storage import Storage, sha256_hex
 log = logging.getLogger(__name__)
 
 S = JobStatus
-_VAL_FIELDS = ("val_loss", "val_ppl", "val_bpc", "val_accuracy", "val_top5_accuracy")
 
 
 class JobLost(Exception):
@@ -66,29 +65,44 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+def _validation_values(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``val_*`` values of a step where validation ran (any of them set), else None."""
+    val = {k: v for k, v in values.items() if k.startswith("val_")}
+    return val if any(v is not None for v in val.values()) else None
+
+
 def record_metrics(
-    session: Session, job_id: str, attempt: int, rows: Sequence[StepMetrics]
+    session: Session, job_id: str, attempt: int, rows: Sequence[MetricRow]
 ) -> bool:
-    """Insert one row per step, update progress, latest metrics and the heartbeat in the same
-    transaction. Returns ``cancel_requested``. Raises :class:`JobLost`."""
+    """Insert one row per step (its named values as JSON), update progress, latest metrics and
+    the heartbeat in the same transaction. Returns ``cancel_requested``. Raises
+    :class:`JobLost`."""
     cancel = heartbeat(session, job_id, attempt)
     if not rows:
         return cancel
-    session.execute(insert(Metric), [{"job_id": job_id, **r.as_dict()} for r in rows])
+    dicts = [r.as_dict() for r in rows]
+    session.execute(insert(Metric), [
+        {"job_id": job_id, "step": d["step"], "values": {k: v for k, v in d.items() if k != "step"}}
+        for d in dicts
+    ])
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    latest = rows[-1].as_dict()
+    latest = dict(dicts[-1])
     # Validation runs every eval_interval steps: carry its latest values forward so a
     # progress display always has them, with the step they belong to.
-    val_rows = [r for r in rows if r.val_loss is not None]
-    if val_rows:
-        latest["val_step"] = val_rows[-1].step
-        latest.update({k: getattr(val_rows[-1], k) for k in _VAL_FIELDS})
-    elif job.latest_metrics and job.latest_metrics.get("val_step") is not None:
-        latest["val_step"] = job.latest_metrics["val_step"]
-        latest.update({k: job.latest_metrics.get(k) for k in _VAL_FIELDS})
+    evaluated = [(d["step"], v) for d in dicts if (v := _validation_values(d)) is not None]
+    previous = job.latest_metrics or {}
+    if evaluated:
+        latest["val_step"], val = evaluated[-1]
+        latest.update(val)
+    elif previous.get("val_step") is not None:
+        latest["val_step"] = previous["val_step"]
+        latest.update({k: v for k, v in previous.items() if k.startswith("val_")})
     job.latest_metrics = latest
-    job.progress = {**job.progress, "step": rows[-1].step, "tokens_seen": rows[-1].tokens_seen}
+    progress = {**job.progress, "step": dicts[-1]["step"]}
+    if "tokens_seen" in dicts[-1]:
+        progress["tokens_seen"] = dicts[-1]["tokens_seen"]
+    job.progress = progress
     return cancel
 
 

@@ -51,3 +51,41 @@ def test_sqlite_connections_use_wal_and_a_busy_timeout(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_metric_rows_survive_the_move_to_named_values_and_back(database_url: str) -> None:
+    """0001 -> 0002 copies every metric column into ``values``; 0002 -> 0001 copies back."""
+    from sqlalchemy import text
+
+    upgrade_database(database_url, "0001")
+    engine = make_engine(database_url)
+    row = {"epoch": 0.5, "train_loss": 2.25, "lr": 0.001, "grad_norm": 0.75,
+           "tokens_per_s": 1234.5, "elapsed_s": 1.5, "tokens_seen": 3 * 2**31,
+           "val_loss": None, "val_ppl": None, "val_bpc": None, "val_accuracy": None,
+           "val_top5_accuracy": None}
+    evaluated = {**row, "val_loss": 2.0, "val_ppl": 7.38905609893065, "val_bpc": 2.885,
+                 "val_accuracy": 0.25, "val_top5_accuracy": 0.625}
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, status, spec, created_at, attempts, cancel_requested, "
+                "progress) VALUES ('job_1', 'running', '{}', CURRENT_TIMESTAMP, 1, false, '{}')"))
+            for step, values in ((1, row), (2, evaluated)):
+                cols = ", ".join(values)
+                params = ", ".join(f":{k}" for k in values)
+                conn.execute(text(f"INSERT INTO metrics (job_id, step, {cols}) "
+                                  f"VALUES ('job_1', {step}, {params})"), values)
+        upgrade_database(database_url)
+        with engine.connect() as conn:
+            got = conn.execute(text('SELECT step, "values" FROM metrics ORDER BY step')).all()
+        import json
+
+        decoded = [(s, v if isinstance(v, dict) else json.loads(v)) for s, v in got]
+        assert decoded == [(1, row), (2, evaluated)]
+        downgrade_database(database_url, "0001")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT * FROM metrics ORDER BY step")).mappings().all()
+        assert [{k: v for k, v in r.items() if k not in ("job_id", "step")} for r in back] == [
+            row, evaluated]
+    finally:
+        engine.dispose()

@@ -66,8 +66,9 @@ class Env:
 
     def train_losses(self, job_id: str) -> list[float]:
         with session_scope(self.factory) as s:
-            return list(s.scalars(select(Metric.train_loss).where(Metric.job_id == job_id)
-                                  .order_by(Metric.step)))
+            rows = s.scalars(select(Metric).where(Metric.job_id == job_id)
+                             .order_by(Metric.step))
+            return [float(r.values["train_loss"]) for r in rows]
 
     def steps(self, job_id: str) -> list[int]:
         with session_scope(self.factory) as s:

@@ -19,7 +19,7 @@ from app.schemas import (
     JobOut,
     JobResultOut,
     MetricList,
-    MetricOut,
+    metric_out,
 )
 from core.errors import ServiceUnavailable
 from core.spec import JobSpec
@@ -91,7 +91,7 @@ def list_metrics(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricList:
     rows, has_more = jobs.list_metrics(session, job_id, after_step, limit)
-    return MetricList(data=[MetricOut.model_validate(r) for r in rows], has_more=has_more)
+    return MetricList(data=[metric_out(r) for r in rows], has_more=has_more)
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
