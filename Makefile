@@ -42,8 +42,8 @@ test: $(VENV)/.installed-dev
 lint: lint-python lint-docker
 
 lint-python: $(VENV)/.installed-dev
-	$(BIN)/ruff check app worker tests scripts bench
-	$(BIN)/mypy app worker
+	$(BIN)/ruff check core store app worker lmforge migrations tests scripts bench
+	$(BIN)/mypy core store app worker lmforge migrations tests
 
 lint-docker: lint-dockerfile lint-compose
 

@@ -1,7 +1,8 @@
-"""Datasets: text statistics counted while an upload streams, rows, and token estimates.
+"""Datasets: the API's operations on dataset rows (add, get, list).
 
-A dataset is an uploaded UTF-8 text file (stored under ``datasets/<id>.txt``) or, in a job
-spec, a built-in corpus (``core.corpora``, no torch import).
+A dataset is an uploaded UTF-8 text file (stored under ``datasets/<id>.txt``) whose statistics
+(``core.textstats``) were counted while it streamed in, or, in a job spec, a built-in corpus
+(``core.corpora``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -199,49 +201,79 @@ def run_job(
     spec = JobSpec.model_validate(spec_json)
     hooks = DatabaseHooks(job_id, attempt, session_factory, storage,
                           spec.training.keep_checkpoints, shutdown)
-    beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
-    status, result, error = JobStatus.FAILED, None, None
-    try:
-        with session_scope(session_factory) as s:
-            resume_from, stale = prepare_resume(s, storage, job_id)
-        for key in stale:
-            storage.delete(key)
-        texts = load_texts(spec, session_factory, storage)
-        beat.start()
-        from worker.engine.trainer import train  # torch: only here, in the pool child
-
-        outcome = train(spec, texts, hooks, resume_from=resume_from)
-        result = outcome.as_dict()
-        status = JobStatus.CANCELLED if outcome.stop_reason == "cancelled" else \
-            JobStatus.SUCCEEDED
-    except TrainingError as exc:
-        log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
-        error = exc.as_dict()
-    except Exception as exc:
-        log.exception("job %s: internal error", job_id)
-        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-    finally:
-        if beat.is_alive():
-            beat.stop()
+    outcome = _train(spec, hooks, session_factory, storage, settings)
     if hooks.lost:
         return None
-    if status == JobStatus.CANCELLED and not hooks.cancel_requested and hooks.shutdown.is_set():
-        try:
-            with session_scope(session_factory) as s:
-                requeue_interrupted(s, job_id, attempt)
-            log.info("job %s: interrupted by the worker's shutdown at step %s; queued again",
-                     job_id, (result or {}).get("steps"))
-            return JobStatus.QUEUED
-        except JobLost:
-            pass  # cancelled meanwhile (or taken): finish it as cancelled below
+    if _interrupted(outcome, hooks) and _requeue(hooks, session_factory, outcome):
+        return JobStatus.QUEUED
     try:
         with session_scope(session_factory) as s:
-            finish_job(s, job_id, attempt, status, result=result, error=error)
-        log.info("job %s: %s", job_id, status.value)
+            finish_job(s, job_id, attempt, outcome.status, result=outcome.result,
+                       error=outcome.error)
+        log.info("job %s: %s", job_id, outcome.status.value)
     except JobLost:
         log.warning("job %s was taken from attempt %d before it finished", job_id, attempt)
         return None
-    return status
+    return outcome.status
+
+
+@dataclass
+class Outcome:
+    """How a run ended: the status to record and the result or the error."""
+
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def _train(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory, storage: Storage,
+           settings: Settings) -> Outcome:
+    """Prepare the resume, read the texts and train, with a background heartbeat. Never
+    raises: a failure is an :class:`Outcome` with an error."""
+    job_id = hooks.job_id
+    beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
+    try:
+        with session_scope(factory) as s:
+            resume_from, stale = prepare_resume(s, storage, job_id)
+        for key in stale:
+            storage.delete(key)
+        texts = load_texts(spec, factory, storage)
+        beat.start()
+        from worker.engine.trainer import train  # torch: only here, in the pool child
+
+        result = train(spec, texts, hooks, resume_from=resume_from)
+        cancelled = result.stop_reason == "cancelled"
+        return Outcome(JobStatus.CANCELLED if cancelled else JobStatus.SUCCEEDED,
+                       result=result.as_dict())
+    except TrainingError as exc:
+        log.warning("job %s failed: %s: %s", job_id, exc.code, exc.message)
+        return Outcome(JobStatus.FAILED, error=exc.as_dict())
+    except Exception as exc:
+        log.exception("job %s: internal error", job_id)
+        return Outcome(JobStatus.FAILED,
+                       error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if beat.is_alive():
+            beat.stop()
+
+
+def _interrupted(outcome: Outcome, hooks: DatabaseHooks) -> bool:
+    """The run stopped because the worker is shutting down, not because of a cancel."""
+    return (outcome.status == JobStatus.CANCELLED and not hooks.cancel_requested
+            and hooks.shutdown.is_set())
+
+
+def _requeue(hooks: DatabaseHooks, factory: SessionFactory, outcome: Outcome) -> bool:
+    """Put an interrupted job back to queued; False when a cancel came first (or the job was
+    taken): then it is finished as cancelled."""
+    try:
+        with session_scope(factory) as s:
+            requeue_interrupted(s, hooks.job_id, hooks.attempt)
+    except JobLost:
+        return False
+    log.info("job %s: interrupted by the worker's shutdown at step %s; queued again",
+             hooks.job_id, (outcome.result or {}).get("steps"))
+    return True
 
 
 def sweep_and_requeue(

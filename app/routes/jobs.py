@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from app import jobs
 from app.deps import EnqueuerDep, SessionDep, StorageDep
@@ -95,7 +96,7 @@ def list_metrics(
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
-def get_result(job_id: str, session: SessionDep) -> JobResultOut:
+def get_result(job_id: str, session: SessionDep) -> BaseModel:
     return JobResultOut.model_validate(jobs.job_result(session, job_id))
 
 

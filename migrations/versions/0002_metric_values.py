@@ -14,6 +14,7 @@ back into the columns of revision 0001.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -50,7 +51,7 @@ def downgrade() -> None:
     sqlite = op.get_bind().dialect.name == "sqlite"
     with op.batch_alter_table("metrics") as batch:
         for name, kind in OLD_COLUMNS:
-            typ = sa.BigInteger() if kind == "bigint" else sa.Double()
+            typ: sa.types.TypeEngine[Any] = sa.BigInteger() if kind == "bigint" else sa.Double()
             batch.add_column(sa.Column(name, typ, nullable=True))
     sets = []
     for name, kind in OLD_COLUMNS:
@@ -63,6 +64,6 @@ def downgrade() -> None:
     with op.batch_alter_table("metrics") as batch:
         for name, kind in OLD_COLUMNS:
             if name not in NULLABLE:
-                typ = sa.BigInteger() if kind == "bigint" else sa.Double()
-                batch.alter_column(name, existing_type=typ, nullable=False)
+                batch.alter_column(name, existing_type=sa.BigInteger() if kind == "bigint"
+                                   else sa.Double(), nullable=False)
         batch.drop_column("values")

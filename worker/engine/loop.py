@@ -1,6 +1,10 @@
 """The optimisation loop proper: one truncated-BPTT step per iteration, periodic validation,
 checkpoints, metric flushes and the stopping rules. Built by :func:`worker.engine.trainer.train`.
 
+Everything about a run's progress beyond the weights and the optimizer lives in one
+:class:`LoopState`, which a ``last``/``periodic`` checkpoint saves and a resume restores as a
+whole (:meth:`LoopState.checkpoint_parts`, :meth:`LoopState.restore`).
+
 Per-step losses and gradient norms stay on the device and are read once per flush
 (``training.log_interval``), so CUDA never waits on the host each step. A non-finite loss or
 gradient norm is caught before it touches the weights: on the CPU by a per-step check (a host
@@ -12,45 +16,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from core.contract import (
-    CheckpointBlob,
-    StepMetrics,
-    StopReason,
-    TrainingError,
-    TrainingHooks,
-)
+from core.contract import CheckpointBlob, CheckpointKind, StepMetrics, StopReason, TrainingError
+from core.contract import TrainingHooks as Hooks
 from core.spec import JobSpec
-from worker.engine.checkpoint import save_checkpoint
+from worker.engine.checkpoint import LoadedCheckpoint, save_checkpoint
 from worker.engine.data import Corpus, TrainBatches
 from worker.engine.evaluate import EvalResult, evaluate
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokenizers import Tokenizer
 
-
-@dataclass
-class RunState:
-    """The loop's scalar state, saved in a checkpoint's ``trainer_state`` JSON."""
-
-    step: int = 0
-    best_val_loss: float = math.inf
-    best_step: int | None = None
-    final_val_loss: float | None = None
-    runtime_before: float = 0.0  # seconds run before this resume (for max_runtime_s)
-    best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    def load(self, ts: dict[str, Any]) -> None:
-        self.step = int(ts["step"])
-        self.best_val_loss = float(ts["best_val_loss"])
-        self.best_step = ts["best_step"]
-        self.final_val_loss = ts["final_val_loss"]
-        self.runtime_before = float(ts["runtime_s"])
+T = TypeVar("T")
 
 
 def _detach(hidden: Hidden | None) -> Hidden | None:
@@ -58,95 +41,183 @@ def _detach(hidden: Hidden | None) -> Hidden | None:
 
 
 @dataclass
-class TrainLoop:
-    spec: JobSpec
-    model: LSTMLanguageModel
-    optimizer: torch.optim.Optimizer
+class LoopState:
+    """A run's progress: the step, the best and latest validation losses, the schedule and
+    early-stopping counters, the carried LSTM hidden state, the best weights (kept when a test
+    split is evaluated at the end) and the seconds already run. Saved and restored as a whole;
+    the CPU/CUDA generator states travel with it in the checkpoint."""
+
     schedule: LRSchedule
     stopper: EarlyStopping
-    batches: TrainBatches
-    corpus: Corpus
-    tokenizer: Tokenizer
-    hooks: TrainingHooks
-    device: torch.device
-    state: RunState
-    hidden: Hidden | None = None
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int | None = None
+    final_val_loss: float | None = None
+    runtime_before: float = 0.0  # seconds run before this (re)start, for max_runtime_s
+    hidden: Hidden | None = field(default=None, repr=False)  # (num_layers, batch, hidden_dim) x2
+    best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        t = self.spec.training
-        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
-        self.sync_each_step = self.device.type != "cuda"
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
-        self.vals: dict[int, EvalResult] = {}
-        self.bad = torch.zeros((), device=self.device)  # CUDA: sticky non-finite flag
-        self.start_step = self.state.step
-        self.t0 = time.perf_counter()
-        self.excluded = 0.0  # evaluation, checkpoint and reporting time: not training
-        self.flushed_train_time = 0.0
-        self.final_train_time: float | None = None
+    def trainer_state(self, batches: TrainBatches, runtime_s: float) -> dict[str, Any]:
+        """The JSON part of a checkpoint (``trainer_state`` in its header)."""
+        return {
+            "step": self.step,
+            "epoch": batches.epoch_of(self.step),
+            "tokens_seen": self.step * batches.tokens_per_batch,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "final_val_loss": self.final_val_loss,
+            "runtime_s": runtime_s,
+            "schedule": self.schedule.state(),
+            "early_stopping": self.stopper.state(),
+        }
 
-    # -- timing ----------------------------------------------------------------------------
+    def restore(self, ckpt: LoadedCheckpoint, device: torch.device) -> None:
+        """Take over the state saved in ``ckpt`` (a ``last``/``periodic`` checkpoint),
+        including the generator states, so the run continues exactly."""
+        ts = ckpt.trainer_state
+        self.step = int(ts["step"])
+        self.best_val_loss = float(ts["best_val_loss"])
+        self.best_step = ts["best_step"]
+        self.final_val_loss = ts["final_val_loss"]
+        self.runtime_before = float(ts["runtime_s"])
+        self.schedule.load(ts["schedule"])
+        self.stopper.load(ts["early_stopping"])
+        self.best_weights = ({k: v.to(device) for k, v in ckpt.best_state.items()}
+                             if ckpt.best_state else None)
+        self.hidden = (None if ckpt.hidden is None
+                       else (ckpt.hidden[0].to(device), ckpt.hidden[1].to(device)))
+        torch.set_rng_state(ckpt.rng["cpu"])
+        cuda_states = [v for k, v in sorted(ckpt.rng.items()) if k.startswith("cuda.")]
+        if device.type == "cuda" and cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+class PendingStep(NamedTuple):
+    """A step whose metrics wait on the device for the next flush."""
+
+    step: int
+    loss: torch.Tensor  # () nats/token
+    grad_norm: torch.Tensor  # () L2 norm before clipping
+    lr: float
+    t_end: float  # time.perf_counter() when the step ended
+
+
+@dataclass
+class Clock:
+    """Wall-clock accounting: training time excludes evaluation, checkpoints and reporting."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0
+    flushed_train_time: float = 0.0  # training time at the previous flush
+    final_train_time: float | None = None
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def train_time(self) -> float:
         return self.elapsed() - self.excluded
 
+    def timed(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` and count its time as not training."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+
+@dataclass
+class TrainLoop:
+    spec: JobSpec
+    model: LSTMLanguageModel
+    optimizer: torch.optim.Optimizer
+    batches: TrainBatches
+    corpus: Corpus
+    tokenizer: Tokenizer
+    hooks: Hooks
+    device: torch.device
+    state: LoopState
+    clock: Clock = field(default_factory=Clock)
+    pending: list[PendingStep] = field(default_factory=list)
+    vals: dict[int, EvalResult] = field(default_factory=dict)  # step -> validation result
+
+    def __post_init__(self) -> None:
+        self.start_step = self.state.step
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._bad = torch.zeros((), device=self.device)  # CUDA: sticky non-finite flag
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.spec.training.precision == "bf16" else None
+
+    @property
+    def sync_each_step(self) -> bool:
+        """On the CPU a host read costs nothing: check each step before the update."""
+        return self.device.type != "cuda"
+
     def train_tokens_per_s(self) -> float:
         tokens = (self.state.step - self.start_step) * self.batches.tokens_per_batch
-        return tokens / max(self.final_train_time or self.train_time(), 1e-9)
+        return tokens / max(self.clock.final_train_time or self.clock.train_time(), 1e-9)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> StopReason:
         """Train until a stopping rule holds; returns the stop reason. Saves ``last``."""
-        t = self.spec.training
-        vocab = self.model.config.vocab_size
-        use_autocast = self.autocast_dtype is not None
-        amp_dtype = self.autocast_dtype or torch.bfloat16
         self.model.train()
         stop: StopReason | None = None
         while stop is None:
             step = self.state.step + 1
-            lr = self.schedule.lr_at(step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            x, y, epoch_start = self.batches.get(step - 1)  # (batch, seq_len) each
-            hidden = None if epoch_start else _detach(self.hidden)
-            rng_before = torch.get_rng_state() if self.sync_each_step else None
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_autocast):
-                logits, new_hidden = self.model(x, hidden)  # (batch, seq_len, vocab)
-            loss = F.cross_entropy(logits.view(-1, vocab).float(), y.reshape(-1))
-            loss.backward()
-            if t.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
-                                                      if p.grad is not None])
-            if self.sync_each_step:
-                if not math.isfinite(float(loss.detach() + norm)):
-                    self._fail(step, hidden, rng_before, float(loss.detach()), float(norm))
-            else:
-                self.bad = self.bad.logical_or(~torch.isfinite(loss.detach() + norm)).float()
-                self.optimizer.found_inf = self.bad  # type: ignore[attr-defined]
-            self.optimizer.step()
-            self.hidden = new_hidden
-            self.state.step = step
-            self.pending.append((step, loss.detach(), norm.detach(), lr, time.perf_counter()))
+            self._train_step(step)
+            stop = self._after_step(step)
+        self.clock.final_train_time = self.clock.train_time()
+        self._checkpoint(CheckpointKind.LAST)
+        return stop
 
-            stop = self._budget_stop(step)
-            if step % t.eval_interval == 0 or stop is not None:
-                if self._validate(step) and stop is None:
-                    stop = "early_stopping"
-            if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
-                self._checkpoint("periodic")
-            if step % t.log_interval == 0 or stop is not None:
-                self._flush()
-                if stop is None and self._timed(self.hooks.should_stop):
-                    stop = "cancelled"
-        self.final_train_time = self.train_time()
-        self._checkpoint("last")
+    def _train_step(self, step: int) -> None:
+        """One truncated-BPTT step: forward from the carried (detached) hidden state, backward,
+        clip, check for non-finite values, update."""
+        t = self.spec.training
+        lr = self.state.schedule.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y, epoch_start = self.batches.get(step - 1)  # (batch, seq_len) each
+        hidden = None if epoch_start else _detach(self.state.hidden)
+        rng_before = torch.get_rng_state() if self.sync_each_step else None
+        self.optimizer.zero_grad(set_to_none=True)
+        amp = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            logits, new_hidden = self.model(x, hidden)  # (batch, seq_len, vocab)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss.backward()
+        if t.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, t.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self._params
+                                                  if p.grad is not None])
+        if self.sync_each_step:
+            if not math.isfinite(float(loss.detach() + norm)):
+                self._fail(step, hidden, rng_before, float(loss.detach()), float(norm))
+        else:
+            self._bad = self._bad.logical_or(~torch.isfinite(loss.detach() + norm)).float()
+            self.optimizer.found_inf = self._bad  # type: ignore[attr-defined]
+        self.optimizer.step()
+        self.state.hidden = new_hidden
+        self.state.step = step
+        self.pending.append(PendingStep(step, loss.detach(), norm.detach(), lr,
+                                        time.perf_counter()))
+
+    def _after_step(self, step: int) -> StopReason | None:
+        """Validation, periodic checkpoint and metrics flush due after ``step``; the stop
+        reason when a stopping rule holds (a budget, early stopping, or ``should_stop``)."""
+        t = self.spec.training
+        stop = self._budget_stop(step)
+        if (step % t.eval_interval == 0 or stop is not None) and self._validate(step):
+            stop = stop or "early_stopping"
+        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
+            self._checkpoint(CheckpointKind.PERIODIC)
+        if step % t.log_interval == 0 or stop is not None:
+            self._flush()
+            if stop is None and self.clock.timed(self.hooks.should_stop):
+                stop = "cancelled"
         return stop
 
     def _budget_stop(self, step: int) -> StopReason | None:
@@ -158,112 +229,97 @@ class TrainLoop:
         if t.max_tokens is not None and step * self.batches.tokens_per_batch >= t.max_tokens:
             return "max_tokens"
         if (t.max_runtime_s is not None
-                and self.state.runtime_before + self.elapsed() >= t.max_runtime_s):
+                and self.state.runtime_before + self.clock.elapsed() >= t.max_runtime_s):
             return "max_runtime_s"
         return None
-
-    def _timed(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn`` and count its time as not training."""
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.excluded += time.perf_counter() - t0
 
     # -- validation, checkpoints, metrics ----------------------------------------------------
     def _validate(self, step: int) -> bool:
         """Evaluate the validation split; save ``best`` on a new best. True: stop early."""
-        t = self.spec.training
-        res = self._timed(evaluate, self.model, self.corpus.validation, t.batch_size,
-                          t.seq_len, self.device, self.tokenizer.kind == "char",
-                          self.autocast_dtype)
+        t, s = self.spec.training, self.state
+        res = self.clock.timed(evaluate, self.model, self.corpus.validation, t.batch_size,
+                               t.seq_len, self.device, self.tokenizer.kind == "char",
+                               self.autocast_dtype)
         self.vals[step] = res
-        self.state.final_val_loss = res.loss
-        self.schedule.on_eval(res.loss)
-        stop = self.stopper.on_eval(res.loss)
-        if res.loss < self.state.best_val_loss:
-            self.state.best_val_loss, self.state.best_step = res.loss, step
+        s.final_val_loss = res.loss
+        s.schedule.on_eval(res.loss)
+        stop = s.stopper.on_eval(res.loss)
+        if res.loss < s.best_val_loss:
+            s.best_val_loss, s.best_step = res.loss, step
             if self.corpus.test is not None:
-                self.state.best_weights = {k: v.detach().clone()
-                                           for k, v in self.model.state_dict().items()}
-            self._checkpoint("best")
+                s.best_weights = {k: v.detach().clone()
+                                  for k, v in self.model.state_dict().items()}
+            self._checkpoint(CheckpointKind.BEST)
         return stop
 
-    def trainer_state(self) -> dict[str, Any]:
-        s = self.state
-        return {
-            "step": s.step,
-            "epoch": self.batches.epoch_of(s.step),
-            "tokens_seen": s.step * self.batches.tokens_per_batch,
-            "best_val_loss": s.best_val_loss,
-            "best_step": s.best_step,
-            "final_val_loss": s.final_val_loss,
-            "runtime_s": s.runtime_before + self.elapsed(),
-            "schedule": self.schedule.state(),
-            "early_stopping": self.stopper.state(),
-        }
-
-    def _checkpoint(self, kind: str, rng_cpu: torch.Tensor | None = None) -> None:
-        """Flush metrics (a checkpoint never runs ahead of the reported rows), then save."""
+    def _checkpoint(self, kind: CheckpointKind, rng_cpu: torch.Tensor | None = None) -> None:
+        """Flush metrics (a checkpoint never runs ahead of the reported rows), then save.
+        ``best`` holds the weights only; the others the whole :class:`LoopState`."""
         self._flush()
         t0 = time.perf_counter()
-        full = kind != "best"
+        s = self.state
+        full = kind != CheckpointKind.BEST
         data = save_checkpoint(
-            kind, self.spec, self.model, self.tokenizer, self.trainer_state(),
+            kind, self.spec, self.model, self.tokenizer,
+            s.trainer_state(self.batches, s.runtime_before + self.clock.elapsed()),
             optimizer=self.optimizer if full else None,
-            hidden=_detach(self.hidden) if full else None,
+            hidden=_detach(s.hidden) if full else None,
             rng_cpu=rng_cpu,
-            best_state=self.state.best_weights if full else None,
+            best_state=s.best_weights if full else None,
         )
-        metrics: dict[str, Any] = {"step": self.state.step}
-        if self.state.final_val_loss is not None:
-            metrics["val_loss"] = self.state.final_val_loss
-        if not math.isinf(self.state.best_val_loss):
-            metrics["best_val_loss"] = self.state.best_val_loss
-        self.hooks.on_checkpoint(CheckpointBlob(kind, self.state.step, data, metrics))  # type: ignore[arg-type]
-        self.excluded += time.perf_counter() - t0
+        metrics: dict[str, Any] = {"step": s.step}
+        if s.final_val_loss is not None:
+            metrics["val_loss"] = s.final_val_loss
+        if not math.isinf(s.best_val_loss):
+            metrics["best_val_loss"] = s.best_val_loss
+        self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
+        self.clock.excluded += time.perf_counter() - t0
 
     def _flush(self) -> None:
         """Report the pending steps (one host read for all of them)."""
         if not self.pending:
             return
-        losses = torch.stack([p[1] for p in self.pending]).tolist()
-        norms = torch.stack([p[2] for p in self.pending]).float().tolist()
+        losses = torch.stack([p.loss for p in self.pending]).tolist()
+        norms = torch.stack([p.grad_norm for p in self.pending]).float().tolist()
         t0 = time.perf_counter()
-        train_now = self.train_time()
-        window = max(train_now - self.flushed_train_time, 1e-9)
+        train_now = self.clock.train_time()
+        window = max(train_now - self.clock.flushed_train_time, 1e-9)
         tps = len(self.pending) * self.batches.tokens_per_batch / window
         rows: list[StepMetrics] = []
         bad: tuple[int, float, float] | None = None
-        for (step, _, _, lr, t_end), loss, norm in zip(self.pending, losses, norms, strict=True):
+        for p, loss, norm in zip(self.pending, losses, norms, strict=True):
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                bad = (step, loss, norm)  # CUDA only: the CPU path fails before the update
+                bad = (p.step, loss, norm)  # CUDA only: the CPU path fails before the update
                 break
-            row = StepMetrics(step=step, epoch=self.batches.epoch_of(step), train_loss=loss,
-                              lr=lr, grad_norm=norm, tokens_per_s=tps, elapsed_s=t_end - self.t0,
-                              tokens_seen=step * self.batches.tokens_per_batch)
-            val = self.vals.pop(step, None)
-            if val is not None:
-                row.val_loss, row.val_ppl, row.val_bpc = val.loss, val.ppl, val.bpc
-                row.val_accuracy, row.val_top5_accuracy = val.accuracy, val.top5_accuracy
-            rows.append(row)
+            rows.append(self._row(p, loss, norm, tps))
         self.pending.clear()
         if rows:
             self.hooks.on_metrics(rows)
-        self.flushed_train_time = train_now
-        self.excluded += time.perf_counter() - t0
+        self.clock.flushed_train_time = train_now
+        self.clock.excluded += time.perf_counter() - t0
         if bad is not None:
             # The fused optimizer skipped the bad step and every later update: the weights are
             # those after the step before it (the carried hidden state is not: it is dropped).
             self._fail(bad[0], None, None, bad[1], bad[2])
 
+    def _row(self, p: PendingStep, loss: float, norm: float, tokens_per_s: float) -> StepMetrics:
+        row = StepMetrics(step=p.step, epoch=self.batches.epoch_of(p.step), train_loss=loss,
+                          lr=p.lr, grad_norm=norm, tokens_per_s=tokens_per_s,
+                          elapsed_s=p.t_end - self.clock.t0,
+                          tokens_seen=p.step * self.batches.tokens_per_batch)
+        val = self.vals.pop(p.step, None)
+        if val is not None:
+            row.val_loss, row.val_ppl, row.val_bpc = val.loss, val.ppl, val.bpc
+            row.val_accuracy, row.val_top5_accuracy = val.accuracy, val.top5_accuracy
+        return row
+
     def _fail(self, step: int, hidden: Hidden | None, rng_before: torch.Tensor | None,
               loss: float, norm: float) -> None:
         """Save the last good state (after ``step - 1``) as ``last`` and raise."""
-        self.pending = [p for p in self.pending if p[0] < step]
+        self.pending = [p for p in self.pending if p.step < step]
         self.state.step = step - 1
-        self.hidden = hidden
-        self._checkpoint("last", rng_cpu=rng_before)
+        self.state.hidden = hidden
+        self._checkpoint(CheckpointKind.LAST, rng_cpu=rng_before)
         raise TrainingError(
             "non_finite_loss",
             f"the training loss ({loss}) or gradient norm ({norm}) is not finite at step "

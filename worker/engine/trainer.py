@@ -16,17 +16,17 @@ import random
 
 import torch
 
-from core.contract import CorpusTexts, TrainingError, TrainingHooks, TrainingResult
+from core.contract import CorpusTexts, StopReason, TrainingError, TrainingHooks, TrainingResult
 from core.spec import JobSpec, OptimizerSpec
 from core.splits import split_texts
-from worker.engine.checkpoint import load_checkpoint
-from worker.engine.data import TrainBatches, batchify, encode_splits
+from worker.engine.checkpoint import LoadedCheckpoint, load_checkpoint
+from worker.engine.data import Corpus, TrainBatches, batchify, encode_splits
 from worker.engine.embeddings import load_pretrained
-from worker.engine.evaluate import evaluate, perplexity
-from worker.engine.loop import RunState, TrainLoop
-from worker.engine.model import ModelConfig, build_model
+from worker.engine.evaluate import EvalResult, evaluate, perplexity
+from worker.engine.loop import LoopState, TrainLoop
+from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model
 from worker.engine.schedule import EarlyStopping, LRSchedule
-from worker.engine.tokenizers import build_tokenizer
+from worker.engine.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
     dev = resolve_device(device or t.device)
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
-    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
-    if ckpt is not None and ckpt.optimizer_state is None:
-        raise TrainingError("invalid_checkpoint",
-                            f"a {ckpt.kind!r} checkpoint holds weights only; resume from a "
-                            f"'last' or 'periodic' checkpoint")
+    ckpt = _resumable(resume_from)
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # also seeds every CUDA device
 
@@ -99,20 +95,68 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
     parts = split_texts(spec, texts)
     tok = ckpt.tokenizer if ckpt is not None else build_tokenizer(spec.tokenizer, parts.train)
     corpus = encode_splits(spec, parts, tok)
-    train_data = batchify(corpus.train, t.batch_size)  # (batch, n)
-    if dev.type == "cuda":
-        train_data = train_data.pin_memory()
-    batches = TrainBatches(train_data.to(dev, non_blocking=True), t.seq_len)
+    batches = _train_batches(corpus, t.batch_size, t.seq_len, dev)
     log.info("data: %d train / %d val / %s test tokens, vocab %d, %d batches per epoch",
              corpus.train.numel(), corpus.validation.numel(),
              None if corpus.test is None else corpus.test.numel(), tok.vocab_size,
              batches.batches_per_epoch)
 
     # -- model -----------------------------------------------------------------------------
+    model, coverage = _build_model(spec, tok, texts, ckpt)
+    model.to(dev)
+
+    # -- optimizer, schedule and the loop's state --------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(spec.optimizer, params, dev)
+    state = LoopState(LRSchedule(spec.schedule, spec.optimizer.lr, budget_steps(spec, batches)),
+                      EarlyStopping(t.early_stopping))
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)  # type: ignore[arg-type]
+        state.restore(ckpt, dev)
+        log.info("resumed from step %d", state.step)
+
+    # -- loop ------------------------------------------------------------------------------
+    loop = TrainLoop(spec=spec, model=model, optimizer=optimizer, batches=batches,
+                     corpus=corpus, tokenizer=tok, hooks=hooks, device=dev, state=state)
+    stop_reason = loop.run()
+
+    # -- test with the best weights --------------------------------------------------------
+    test = None
+    if corpus.test is not None:
+        if state.best_weights is not None:
+            model.load_state_dict(state.best_weights, strict=False)
+        test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
+                        char_level=tok.kind == "char", autocast_dtype=loop.autocast_dtype)
+    return _result(loop, stop_reason, test, tok.vocab_size, coverage)
+
+
+def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
+    """The checkpoint to resume from, if any; it must hold the optimizer state."""
+    ckpt = load_checkpoint(data) if data is not None else None
+    if ckpt is not None and ckpt.optimizer_state is None:
+        raise TrainingError("invalid_checkpoint",
+                            f"a {ckpt.kind!r} checkpoint holds weights only; resume from a "
+                            f"'last' or 'periodic' checkpoint")
+    return ckpt
+
+
+def _train_batches(corpus: Corpus, batch_size: int, seq_len: int,
+                   dev: torch.device) -> TrainBatches:
+    train_data = batchify(corpus.train, batch_size)  # (batch, n)
+    if dev.type == "cuda":
+        train_data = train_data.pin_memory()
+    return TrainBatches(train_data.to(dev, non_blocking=True), seq_len)
+
+
+def _build_model(spec: JobSpec, tok: Tokenizer, texts: CorpusTexts,
+                 ckpt: LoadedCheckpoint | None) -> tuple[LSTMLanguageModel, float | None]:
+    """The model, initialised on the CPU from the seed (the same on every device), with
+    pretrained embeddings or the checkpoint's weights. Returns it and the share of the
+    vocabulary the pretrained embeddings covered (None without them)."""
     m = spec.model
     config = ModelConfig(tok.vocab_size, m.embed_dim, m.hidden_dim, m.num_layers, m.dropout,
                          m.tie_weights, m.init_range)
-    model = build_model(config)  # initialised on the CPU from the seed: same on every device
+    model = build_model(config)
     coverage = None
     if m.pretrained_embeddings is not None:
         if texts.embeddings is None:
@@ -125,51 +169,18 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
                                 f"checkpoint model {ckpt.model_config} does not match the "
                                 f"spec's {config}")
         model.load_state_dict(ckpt.model_state, strict=False)
-    model.to(dev)
+    return model, coverage
 
-    # -- optimizer and schedule ------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec.optimizer, params, dev)
-    schedule = LRSchedule(spec.schedule, spec.optimizer.lr, budget_steps(spec, batches))
-    stopper = EarlyStopping(t.early_stopping)
-    state = RunState()
-    hidden = None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt.optimizer_state)  # type: ignore[arg-type]
-        ts = ckpt.trainer_state
-        schedule.load(ts["schedule"])
-        stopper.load(ts["early_stopping"])
-        state.load(ts)
-        state.best_weights = ({k: v.to(dev) for k, v in ckpt.best_state.items()}
-                              if ckpt.best_state else None)
-        torch.set_rng_state(ckpt.rng["cpu"])
-        if dev.type == "cuda":
-            cuda_states = [v for k, v in sorted(ckpt.rng.items()) if k.startswith("cuda.")]
-            if cuda_states:
-                torch.cuda.set_rng_state_all(cuda_states)
-        if ckpt.hidden is not None:
-            hidden = (ckpt.hidden[0].to(dev), ckpt.hidden[1].to(dev))
-        log.info("resumed from step %d", state.step)
 
-    # -- loop ------------------------------------------------------------------------------
-    loop = TrainLoop(spec=spec, model=model, optimizer=optimizer, schedule=schedule,
-                     stopper=stopper, batches=batches, corpus=corpus, tokenizer=tok,
-                     hooks=hooks, device=dev, state=state, hidden=hidden)
-    stop_reason = loop.run()
-
-    # -- test with the best weights --------------------------------------------------------
-    test = None
-    if corpus.test is not None:
-        if state.best_weights is not None:
-            model.load_state_dict(state.best_weights, strict=False)
-        test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
-                        char_level=tok.kind == "char", autocast_dtype=loop.autocast_dtype)
+def _result(loop: TrainLoop, stop_reason: StopReason, test: EvalResult | None,
+            vocab_size: int, coverage: float | None) -> TrainingResult:
+    state, batches = loop.state, loop.batches
     best, final = state.best_val_loss, state.final_val_loss
     return TrainingResult(
         steps=state.step,
         epochs=batches.epoch_of(state.step),
         tokens_seen=state.step * batches.tokens_per_batch,
-        duration_s=loop.elapsed(),
+        duration_s=loop.clock.elapsed(),
         train_tokens_per_s=loop.train_tokens_per_s(),
         stop_reason=stop_reason,
         final_val_loss=final,
@@ -177,8 +188,8 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
         best_val_loss=None if math.isinf(best) else best,
         best_val_ppl=None if math.isinf(best) else perplexity(best),
         best_step=state.best_step,
-        vocab_size=tok.vocab_size,
-        num_params=model.num_params(),
+        vocab_size=vocab_size,
+        num_params=loop.model.num_params(),
         test_loss=None if test is None else test.loss,
         test_ppl=None if test is None else test.ppl,
         test_bpc=None if test is None else test.bpc,
