@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Training throughput of the engine against the bare reference loop, in one run.
 
+The reference is ``bench/ref_lstm_loop.py`` (its docstring gives the recipe).
+
 Both run as child processes on the same corpus (tinyshakespeare, else python-docs), model
 (char LSTM 2x256, embedding 128), batch (32 x 64), Adam lr 1e-3, clip 1.0, warm-up and timed
 steps and thread count; the order alternates over ``--repeats``. Tokens/s counts the timed steps
@@ -24,17 +26,16 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-REF = SHARED / "bench" / "ref_lstm_loop.py"
+REF = ROOT / "bench" / "ref_lstm_loop.py"
 
 
 def corpus_path(tmp: Path) -> Path:
-    p = SHARED / "data" / "tinyshakespeare" / "input.txt"
-    if p.is_file():
-        return p
+    """The repository's tinyshakespeare; else (not a full checkout) python-docs in ``tmp``."""
     sys.path.insert(0, str(ROOT))
-    from core.corpora import builtin_corpus
+    from core.corpora import builtin_corpus, find_corpus
 
+    if (p := find_corpus("tinyshakespeare/input.txt")) is not None:
+        return p
     out = tmp / "python-docs.txt"
     out.write_text(builtin_corpus("python-docs"), encoding="utf-8")
     return out
@@ -64,10 +65,10 @@ def engine_child(a: argparse.Namespace) -> None:
         def __init__(self) -> None:
             self.rows: list = []
 
-        def on_metrics(self, rows):  # noqa: ANN001
+        def on_metrics(self, rows):
             self.rows.extend(rows)
 
-        def on_checkpoint(self, checkpoint):  # noqa: ANN001
+        def on_checkpoint(self, checkpoint):
             pass
 
         def should_stop(self) -> bool:

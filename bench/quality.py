@@ -6,7 +6,9 @@
 
 ``wikitext``: WikiText-2 word-level, trained on valid.txt (first 90% train, last 10%
 validation), tested on test.txt with the best weights; the same budget is run by the bare loop
-bench/ref_word_loop.py and both test perplexities are reported.
+bench/ref_word_loop.py and both test perplexities are reported. WikiText-2 is not shipped in
+``data/`` (its terms do not allow it): it is read from ``$LMFORGE_CORPORA_DIR/wikitext-2/``,
+and the benchmark exits with a message when it is not there.
 
     nice .venv/bin/python bench/quality.py shakespeare --json bench/results/shakespeare.json
     nice .venv/bin/python bench/quality.py wikitext --steps 1200 --json bench/results/wikitext.json
@@ -23,23 +25,32 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from core.contract import CorpusTexts  # noqa: E402
+from core.corpora import CORPORA_DIR_ENV, corpora_dir, find_corpus  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
 from worker.engine.trainer import train  # noqa: E402
 
 
+def corpus_or_exit(relpath: str) -> Path:
+    """``relpath`` from ``data/`` or ``$LMFORGE_CORPORA_DIR``; exit with a message if absent."""
+    path = find_corpus(relpath)
+    if path is None:
+        sys.exit(f"{relpath} not found in {ROOT / 'data'} nor in {corpora_dir()}: set "
+                 f"{CORPORA_DIR_ENV} to a directory holding it (see data/README.md)")
+    return path
+
+
 class PrintHooks:
-    def on_metrics(self, rows):  # noqa: ANN001
+    def on_metrics(self, rows):
         for r in rows:
             if r.val_loss is not None:
                 print(f"step {r.step} epoch {r.epoch:.2f} train {r.train_loss:.4f} "
                       f"val {r.val_loss:.4f} ({r.tokens_per_s:,.0f} tok/s, "
                       f"{r.elapsed_s:.0f}s)", flush=True)
 
-    def on_checkpoint(self, checkpoint):  # noqa: ANN001
+    def on_checkpoint(self, checkpoint):
         pass
 
     def should_stop(self) -> bool:
@@ -47,7 +58,7 @@ class PrintHooks:
 
 
 def shakespeare(a: argparse.Namespace) -> dict:
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = corpus_or_exit("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     spec = JobSpec.model_validate({
         "dataset": {"path": "input.txt"},
         "model": {"embed_dim": 128, "hidden_dim": 256, "num_layers": 2, "dropout": 0.2},
@@ -64,7 +75,8 @@ def shakespeare(a: argparse.Namespace) -> dict:
 
 
 def wikitext(a: argparse.Namespace) -> dict:
-    train_file, test_file = DATA / "wikitext-2" / "valid.txt", DATA / "wikitext-2" / "test.txt"
+    train_file = corpus_or_exit("wikitext-2/valid.txt")
+    test_file = corpus_or_exit("wikitext-2/test.txt")
     spec = JobSpec.model_validate({
         "dataset": {"path": str(train_file)}, "test": {"path": str(test_file)},
         "tokenizer": {"kind": "word"},

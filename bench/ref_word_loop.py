@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Bare word-level LSTM LM loop, written by hand after ../shared/bench/ref_lstm_loop.py and
+"""Bare word-level LSTM LM loop, written by hand after bench/ref_lstm_loop.py and
 PyTorch's examples/word_language_model: words + <eos> per line, vocabulary from the training
 part, truncated BPTT with detached hidden state, Adam, gradient clipping, validation each
 `--eval-every` steps keeping the best weights, test perplexity with those weights.
 
-The engine's peer for bench/quality.py's WikiText-2 run. Prints one JSON line.
+The engine's peer for bench/quality.py's WikiText-2 run, which passes it
+$LMFORGE_CORPORA_DIR/wikitext-2/valid.txt and test.txt. Prints one JSON line.
 """
 import argparse
 import copy

@@ -8,7 +8,7 @@
     lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
 
 Each subcommand imports only what it needs: ``up`` and ``api`` never import torch, and
-``worker`` leaves torch to the task inside the forked pool process (FIELD-NOTES.md).
+``worker`` leaves torch to the task inside the forked pool process (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     argv = [
         "worker",
-        # prefork is the only pool that survives every shutdown path (FIELD-NOTES.md).
+        # prefork is the only pool that survives every shutdown path (docs/operations.md).
         "--pool=prefork",
         f"--concurrency={args.concurrency}",
         f"--loglevel={args.loglevel}",

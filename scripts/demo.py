@@ -3,15 +3,16 @@
 
 1. starts the embedded stack (``lmforge up``: SQLite, a real Redis from a wheel, the API, one
    worker) with LMFORGE_HOME=./var/demo on a free port;
-2. uploads ``../shared/data/tinyshakespeare/input.txt`` (or uses the built-in ``python-docs``
-   corpus when that file is absent) and submits a job over HTTP;
+2. uploads the repository's ``data/tinyshakespeare/input.txt`` (data/README.md gives its
+   source and terms), the same corpus on every machine, and submits a job over HTTP;
 3. shows the job's progress live, downloads the best checkpoint, checks its sha256 and prints
    text sampled from it;
 4. stops the stack with SIGTERM and checks that none of its processes is left running.
 
 Everything goes through the public HTTP API; the sampling at the end runs the checkpoint file
 through the engine's ``sample`` function, as a user would after downloading it. Exits non-zero
-with a message on any failure. Set ``DEMO_MAX_STEPS`` to train longer or shorter.
+with a message on any failure, including when the corpus is missing (an installation without a
+checkout of the repository). Set ``DEMO_MAX_STEPS`` to train longer or shorter.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.corpora import find_corpus
 from lmforge import proctree
 from lmforge.processes import free_port, kill_process_group, spawn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOME = REPO_ROOT / "var" / "demo"
-SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CORPUS = "tinyshakespeare/input.txt"  # under the repository's data/
 STARTUP_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 3600.0  # generous: a busy 2-core machine can be 10x slower than an idle one
 STOP_TIMEOUT_S = 90.0
@@ -131,25 +133,34 @@ def _check(response: httpx.Response, what: str, expected: int = 200) -> Any:
     return response.json()
 
 
-def choose_data(client: httpx.Client) -> dict[str, Any]:
-    if SHAKESPEARE.is_file():
-        with SHAKESPEARE.open("rb") as f:
-            ds = _check(
-                client.post(
-                    "/v1/datasets",
-                    files={"file": ("tinyshakespeare.txt", f, "text/plain")},
-                    data={"name": "tinyshakespeare"},
-                ),
-                "uploading the dataset",
-                201,
-            )
-        console.print(
-            f"Uploaded [bold]tinyshakespeare[/]: {ds['num_chars']:,} characters, "
-            f"sha256 {ds['sha256'][:12]}... -> {ds['id']}"
+def corpus_path() -> Path:
+    """The demo's corpus; the same file on every machine, so a missing one is an error rather
+    than a reason to train on something else."""
+    path = find_corpus(CORPUS)
+    if path is None:
+        raise DemoError(
+            f"data/{CORPUS} is missing: the demo runs from a checkout of the repository, "
+            "which ships it (see data/README.md)"
         )
-        return {"dataset_id": ds["id"]}
-    console.print(f"{SHAKESPEARE} is absent: using the built-in corpus [bold]python-docs[/]")
-    return {"dataset": {"builtin": "python-docs"}}
+    return path
+
+
+def upload_corpus(client: httpx.Client, path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        ds = _check(
+            client.post(
+                "/v1/datasets",
+                files={"file": ("tinyshakespeare.txt", f, "text/plain")},
+                data={"name": "tinyshakespeare"},
+            ),
+            "uploading the dataset",
+            201,
+        )
+    console.print(
+        f"Uploaded [bold]tinyshakespeare[/]: {ds['num_chars']:,} characters, "
+        f"sha256 {ds['sha256'][:12]}... -> {ds['id']}"
+    )
+    return {"dataset_id": ds["id"]}
 
 
 def submit(client: httpx.Client, data: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +255,7 @@ def download_best(client: httpx.Client, job_id: str) -> bytes:
 
 
 def show_sample(checkpoint: bytes, prompt: str) -> None:
-    from worker.engine.sample import sample  # noqa: PLC0415 - torch only for this last step
+    from worker.engine.sample import sample  # torch only for this last step
 
     text = sample(checkpoint, prompt=prompt, max_new_tokens=500, temperature=0.8, seed=1)
     console.rule("sampled from the downloaded checkpoint")
@@ -253,6 +264,7 @@ def show_sample(checkpoint: bytes, prompt: str) -> None:
 
 
 def run() -> int:
+    corpus = corpus_path()  # before starting anything
     port = free_port()
     stack = Stack(HOME, port)
     t0 = time.monotonic()
@@ -263,13 +275,13 @@ def run() -> int:
         with httpx.Client(base_url=stack.base_url, timeout=60.0) as client:
             stack.wait_healthy(client)
             console.print(f"Stack up in {time.monotonic() - t0:.1f} s")
-            data = choose_data(client)
+            data = upload_corpus(client, corpus)
             job = submit(client, data)
             job = follow(client, job["id"])
             if job["status"] != "succeeded":
                 raise DemoError(f"the job ended {job['status']}: {job.get('error')}")
             checkpoint = download_best(client, job["id"])
-        show_sample(checkpoint, "ROMEO:\n" if "dataset_id" in data else "The ")
+        show_sample(checkpoint, "ROMEO:\n")
         ok = True
     finally:
         console.print("Stopping the stack ...")
