@@ -22,13 +22,13 @@ from pathlib import Path
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from lmforge.supervisor import run_up  # noqa: PLC0415
+    from lmforge.supervisor import run_up
 
     return run_up(args.host, args.port, concurrency=args.concurrency)
 
 
 def _cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     uvicorn.run(
         "app.main:app",
@@ -47,7 +47,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # `worker_soft_shutdown_timeout` seconds to save a checkpoint and requeues its message,
     # instead of a warm shutdown that would wait for a training run to finish.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from worker.celery_app import celery  # noqa: PLC0415 - no torch here, by contract
+    from worker.celery_app import celery
 
     argv = [
         "worker",
@@ -68,8 +68,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from store.db import upgrade_database  # noqa: PLC0415
-    from store.settings import get_settings  # noqa: PLC0415
+    from store.db import upgrade_database
+    from store.settings import get_settings
 
     settings = get_settings()
     if settings.database_url is None:
@@ -80,13 +80,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lmforge.local import train_command  # noqa: PLC0415 - imports torch
+    from lmforge.local import train_command
 
     return int(train_command(Path(args.spec), Path(args.output)))
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from lmforge.local import sample_command  # noqa: PLC0415 - imports torch
+    from lmforge.local import sample_command
 
     return int(
         sample_command(

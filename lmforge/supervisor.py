@@ -100,7 +100,7 @@ class Supervisor:
         if not os.environ.get("REDIS_URL"):
             try:
                 self.redis = RedisServer(dir=self.home / "redis").start()
-            except Exception as exc:  # noqa: BLE001 - reported, then we stop
+            except Exception as exc:
                 raise StartupError(f"could not start the embedded Redis: {exc}") from exc
             os.environ["REDIS_URL"] = self.redis.url
             logger.info("embedded Redis at %s", self.redis.url)
@@ -133,13 +133,13 @@ class Supervisor:
                 ) from exc
 
     def _upgrade_database(self) -> None:
-        from store.db import upgrade_database  # noqa: PLC0415 - SQLAlchemy/Alembic only here
-        from store.settings import get_settings  # noqa: PLC0415
+        from store.db import upgrade_database
+        from store.settings import get_settings
 
         get_settings.cache_clear()  # the environment was just completed above
         try:
             upgrade_database(get_settings().sqlalchemy_url)
-        except Exception as exc:  # noqa: BLE001 - reported, then we stop
+        except Exception as exc:
             raise StartupError(f"could not upgrade the database: {exc}") from exc
 
     def _wait_healthy(self) -> None:

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     # Largest accepted dataset upload, in bytes.
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, alias="LMFORGE_MAX_UPLOAD_BYTES")
     # Redis redelivers an unacked task after this many seconds, even while it runs: keep it above
-    # the longest job (FIELD-NOTES.md). Duplicates are harmless anyway (the runner claims).
+    # the longest job (docs/operations.md). Duplicates are harmless anyway (the runner claims).
     visibility_timeout_s: int = Field(default=7 * 24 * 3600, alias="LMFORGE_VISIBILITY_TIMEOUT_S")
     # A running job whose heartbeat is older than this is presumed orphaned and re-enqueued.
     heartbeat_timeout_s: float = Field(default=120.0, alias="LMFORGE_HEARTBEAT_TIMEOUT_S")

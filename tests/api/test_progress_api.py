@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.contract import CheckpointBlob, CheckpointKind, StepMetrics
+from core.contract import CheckpointBlob, StepMetrics
+from core.contract import CheckpointKind as K
 from core.errors import Conflict
 from store.db import session_scope
 from store.models import Job, JobStatus
@@ -64,7 +65,7 @@ def test_checkpoint_download_streams_the_blob_with_its_sha256(
     storage = client.app.state.storage  # type: ignore[attr-defined]
     with session_scope(session_factory) as s:
         row, _ = record_checkpoint(s, storage, running, 1,
-                                   CheckpointBlob(CheckpointKind.BEST, 3, data, {"val_loss": 2.5}), 3)
+                                   CheckpointBlob(K.BEST, 3, data, {"val_loss": 2.5}), 3)
     listed = client.get(f"/v1/jobs/{running}/checkpoints").json()["data"]
     sha = hashlib.sha256(data).hexdigest()
     assert [(c["id"], c["kind"], c["step"], c["bytes"], c["sha256"]) for c in listed] == [
@@ -92,7 +93,7 @@ def test_best_and_last_replace_their_predecessors_and_periodic_keeps_n(
         for step in (1, 2, 3, 4):
             for kind in ("best", "last", "periodic"):
                 _, stale = record_checkpoint(s, storage, running, 1,
-                                             CheckpointBlob(CheckpointKind(kind), step, b"x%d" % step), 2)
+                                             CheckpointBlob(K(kind), step, b"x%d" % step), 2)
                 stale_keys += stale
     for key in stale_keys:
         storage.delete(key)
@@ -108,7 +109,7 @@ def test_result_of_a_succeeded_job_names_the_best_checkpoint(
 ) -> None:
     storage = client.app.state.storage  # type: ignore[attr-defined]
     with session_scope(session_factory) as s:
-        best, _ = record_checkpoint(s, storage, running, 1, CheckpointBlob(CheckpointKind.BEST, 2, b"b"), 3)
+        best, _ = record_checkpoint(s, storage, running, 1, CheckpointBlob(K.BEST, 2, b"b"), 3)
         finish_job(s, running, 1, JobStatus.SUCCEEDED,
                    result={"steps": 5, "best_val_loss": 2.0, "best_val_ppl": 7.39,
                            "stop_reason": "max_steps", "tokens_seen": 180, "duration_s": 1.5})
@@ -134,8 +135,8 @@ def test_resume_cuts_metrics_after_the_checkpoint_and_skips_a_corrupt_one(
     storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
     with session_scope(session_factory) as s:
         record_metrics(s, running, 1, [_row(i) for i in range(1, 9)])
-        record_checkpoint(s, storage, running, 1, CheckpointBlob(CheckpointKind.PERIODIC, 4, b"four"), 3)
-        bad, _ = record_checkpoint(s, storage, running, 1, CheckpointBlob(CheckpointKind.LAST, 6, b"six"), 3)
+        record_checkpoint(s, storage, running, 1, CheckpointBlob(K.PERIODIC, 4, b"four"), 3)
+        bad, _ = record_checkpoint(s, storage, running, 1, CheckpointBlob(K.LAST, 6, b"six"), 3)
     storage.path(bad.storage_key).write_bytes(b"tampered")
     with session_scope(session_factory) as s:
         data, stale = prepare_resume(s, storage, running)
@@ -169,7 +170,7 @@ def test_a_checkpoint_damaged_in_storage_is_never_offered_for_download(
     storage = client.app.state.storage  # type: ignore[attr-defined]
     with session_scope(session_factory) as s:
         row, _ = record_checkpoint(s, storage, running, 1,
-                                   CheckpointBlob(CheckpointKind.BEST, 3, b"good bytes" * 100, {}), 3)
+                                   CheckpointBlob(K.BEST, 3, b"good bytes" * 100, {}), 3)
     storage.path(row.storage_key).write_bytes(b"bad bytes" * 100)
     r = client.get(f"/v1/jobs/{running}/checkpoints/{row.id}/download")
     assert r.status_code == 503

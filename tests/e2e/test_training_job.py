@@ -87,10 +87,10 @@ def test_best_checkpoint_download_matches_its_sha256(service: Any, trained: dict
 def test_downloaded_checkpoint_loads_with_safetensors_and_samples_text(
     service: Any, trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
-    from worker.engine.checkpoint import build_model_from_checkpoint, load_checkpoint  # noqa: PLC0415
-    from worker.engine.sample import sample  # noqa: PLC0415
+    from worker.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from worker.engine.sample import sample
 
     best = next(c for c in trained["checkpoints"] if c["kind"] == "best")
     job_id = trained["job"]["id"]
@@ -114,7 +114,7 @@ def test_downloaded_checkpoint_loads_with_safetensors_and_samples_text(
 
 
 def test_worker_parent_process_never_loads_torch(service: Any, trained: dict[str, Any]) -> None:
-    """Torch belongs in the forked pool process only (FIELD-NOTES.md): check the parent's
+    """Torch belongs in the forked pool process only (docs/operations.md): check the parent's
     memory map after it has run a job."""
     pid = service.procs["worker"].pid
     maps = Path(f"/proc/{pid}/maps").read_text()
