@@ -20,9 +20,24 @@ import pytest
 from lmforge.processes import EmbeddedServerError, RedisServer, free_port
 from tests.support import cleanup
 from tests.support.cleanup import REPO_ROOT, UnsafeRemovalError, remove_tree
-from tests.support.postgres import PostgresServer, postgres_install_dir, temporary_root
+from tests.support.postgres import (
+    PostgresServer,
+    PostgresUnreachableError,
+    postgres_install_dir,
+    temporary_root,
+)
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def _skip_if_unreachable(server: PostgresServer) -> None:
+    """Skip, with the reason, where this machine cannot host the embedded PostgreSQL (e.g. a
+    private temp dir as root); removes a temporary server's root first."""
+    try:
+        server.check_reachable()
+    except PostgresUnreachableError as exc:
+        server.remove()
+        pytest.skip(f"the embedded PostgreSQL cannot run here: {exc}")
 
 
 def test_free_port_can_be_bound() -> None:
@@ -51,6 +66,7 @@ def test_redis_server_on_a_taken_port_fails_with_its_log(tmp_path: Path) -> None
 
 def test_postgres_server_runs_sql_and_stops(procs: Any) -> None:
     server = PostgresServer.temporary()
+    _skip_if_unreachable(server)
     try:
         with server:
             url = server.create_database("lmforge_t1")
@@ -70,7 +86,7 @@ def test_postgres_refuses_a_data_dir_its_user_cannot_reach(tmp_path: Path) -> No
         pytest.skip("only root hands the data directory to another user")
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    with pytest.raises(EmbeddedServerError, match="cannot enter"):
+    with pytest.raises(PostgresUnreachableError, match="cannot enter"):
         PostgresServer(private / "data").start()
 
 
@@ -79,10 +95,9 @@ def test_servers_die_with_a_killed_parent(tmp_path: Path, procs: Any) -> None:
 
     This test makes the PostgreSQL root itself and removes only that handle: nothing the
     child prints is ever used as a path."""
-    try:
-        PostgresServer(tmp_path / "unused")  # binaries present, a user to run as
-    except EmbeddedServerError as exc:
-        pytest.skip(f"no PostgreSQL: {exc}")
+    probe = PostgresServer.temporary()  # binaries present and reachable, a user to run as
+    _skip_if_unreachable(probe)
+    probe.remove()
     pg_root = temporary_root()
     script = textwrap.dedent(
         """
@@ -152,6 +167,10 @@ def test_postgres_runs_from_binaries_its_user_cannot_reach(tmp_path: Path, procs
     cache.chmod(0o711)
     server = PostgresServer.temporary(install=install, cache_dir=cache)
     try:
+        try:  # only where the data directory is out of reach; a failed relocation must fail
+            server.check_data_dir_reachable()
+        except PostgresUnreachableError as exc:
+            pytest.skip(f"the embedded PostgreSQL cannot run here: {exc}")
         with server:
             assert server.bin_dir.is_relative_to(cache), server.bin_dir
             assert not server.bin_dir.is_relative_to(private)

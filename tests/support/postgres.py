@@ -45,6 +45,12 @@ _WHEEL_LIBS = "pgserver.libs"
 _PROBE_TIMEOUT_S = 30.0
 
 
+class PostgresUnreachableError(EmbeddedServerError):
+    """This machine cannot host the embedded PostgreSQL as set up: the server's user cannot
+    reach its binaries or its data directory, or there is no such user. The message says
+    why; tests skip with it rather than fail."""
+
+
 def postgres_install_dir() -> Path:
     """The ``pginstall`` directory (``bin``, ``lib``, ``share``) of the ``pgserver`` wheel.
 
@@ -184,9 +190,9 @@ def reachable_install(
     """``install`` itself when ``user`` (None: the current user) can run its PostgreSQL,
     else a copy it can run (see :func:`relocated_install`).
 
-    Raises :class:`EmbeddedServerError`, with the reason, when even the copy is out of the
-    user's reach (e.g. the temp dir is private: set ``TMPDIR`` to a directory others can
-    enter)."""
+    Raises :class:`PostgresUnreachableError`, with the reason, when no copy can be made or
+    even the copy is out of the user's reach (e.g. the temp dir is private: set ``TMPDIR`` to
+    a directory others can enter)."""
     if user is None:
         return install
     first = install_problem(install, user)
@@ -194,13 +200,13 @@ def reachable_install(
         return install
     try:
         copy = relocated_install(install, cache_dir)
-    except OSError as exc:
-        raise EmbeddedServerError(
+    except (OSError, EmbeddedServerError) as exc:
+        raise PostgresUnreachableError(
             f"{first}; copying the binaries to where it can reach them failed: {exc}"
         ) from exc
     second = install_problem(copy, user)
     if second is not None:
-        raise EmbeddedServerError(f"{first}; and from the copy in {copy}: {second}")
+        raise PostgresUnreachableError(f"{first}; and from the copy in {copy}: {second}")
     return copy
 
 
@@ -217,8 +223,10 @@ class PostgresServer(_ChildServer):
     user and every parent directory of ``dir`` must already be traversable by others (those
     of :func:`temporary_root` are; pytest's ``tmp_path`` is not).
 
-    Raises :class:`EmbeddedServerError` when the binaries are missing or, as root, when there
-    is no ``nobody``; :meth:`start` raises it, with the reason, when the server cannot run.
+    Raises :class:`EmbeddedServerError` when the binaries are missing, and
+    :class:`PostgresUnreachableError` when, as root, there is no ``nobody``; :meth:`start`
+    raises :class:`PostgresUnreachableError` (see :meth:`check_reachable`) or
+    :class:`EmbeddedServerError`, with the reason, when the server cannot run.
     """
 
     name = "postgres"
@@ -244,7 +252,7 @@ class PostgresServer(_ChildServer):
             try:
                 self._user = pwd.getpwnam(self.run_as)
             except KeyError as exc:
-                raise EmbeddedServerError(
+                raise PostgresUnreachableError(
                     f"running as root and there is no user {self.run_as!r} to run PostgreSQL as"
                 ) from exc
         self._reachable: Path | None = None
@@ -294,11 +302,20 @@ class PostgresServer(_ChildServer):
         # Start in the data directory: the caller's working directory may be out of reach.
         return {**_as_user(self._user), "cwd": str(self.dir)}
 
+    def check_reachable(self) -> None:
+        """Make sure the server's user can reach the data directory and the binaries, copying
+        the binaries where it can reach them if need be (see :func:`reachable_install`). Does
+        nothing when the server runs as the current user. Raises
+        :class:`PostgresUnreachableError` with the reason otherwise."""
+        if self._user is None:
+            return
+        self.check_data_dir_reachable()
+        if self._reachable is None:
+            self._reachable = reachable_install(self.install, self._user, self._cache_dir)
+
     def _prepare(self) -> None:
+        self.check_reachable()
         if self._user is not None:
-            self._check_parents_traversable()
-            if self._reachable is None:
-                self._reachable = reachable_install(self.install, self._user, self._cache_dir)
             for path in [self.dir, *self.dir.rglob("*")]:
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
         self.dir.chmod(0o700)
@@ -319,15 +336,26 @@ class PostgresServer(_ChildServer):
                 f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
             )
 
-    def _check_parents_traversable(self) -> None:
-        assert self._user is not None
+    def check_data_dir_reachable(self) -> None:
+        """Check that the server's user can enter every parent of the data directory (we never
+        loosen permissions up the tree). Does nothing when the server runs as the current
+        user. Raises :class:`PostgresUnreachableError` naming the first directory it cannot
+        enter."""
+        if self._user is None:
+            return
         for parent in self.dir.parents:
             st = parent.stat()
             if st.st_mode & 0o001 == 0 and st.st_uid != self._user.pw_uid:
-                raise EmbeddedServerError(
+                hint = (
+                    f"set TMPDIR to a directory that others can enter ({tempfile.gettempdir()} "
+                    "is the system temp dir, where PostgresServer.temporary() puts its data)"
+                    if self._temp_root is not None
+                    else "put the data directory under a path that others can traverse, or use "
+                    "PostgresServer.temporary()"
+                )
+                raise PostgresUnreachableError(
                     f"PostgreSQL runs as {self.run_as!r} and cannot enter {parent} (mode "
-                    f"{oct(st.st_mode & 0o777)}); put the data directory under a path that "
-                    "others can traverse, or use PostgresServer.temporary()"
+                    f"{oct(st.st_mode & 0o777)}); {hint}"
                 )
 
     def _command(self) -> list[str]:
