@@ -143,6 +143,12 @@ class TrainingResult:
     test_accuracy: float | None = None
     test_top5_accuracy: float | None = None
     embedding_coverage: float | None = None  # share of the vocabulary found in the embeddings
+    # The fresh-state check (worker.engine.trainer.fresh_state_check): the final weights'
+    # loss on a slice of the training split evaluated from a zero hidden state, against the
+    # mean training loss of the last steps (both nats/token).
+    fresh_state_train_loss: float | None = None
+    recent_train_loss: float | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # [{code, message}]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

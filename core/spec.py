@@ -70,9 +70,12 @@ class ModelSpec(_Strict):
     num_layers: int = Field(default=2, ge=1, le=16)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     tie_weights: bool = False
-    # Uniform(-init_range, init_range) for the embedding and decoder, as in PyTorch's
-    # word_language_model example (`init_weights`, initrange = 0.1).
-    init_range: float = Field(default=0.1, gt=0.0, le=10.0)
+    # None (the default): each layer's own scale, PyTorch's layer defaults: embedding N(0, 1),
+    # LSTM and decoder U(-1/sqrt(hidden_dim), 1/sqrt(hidden_dim)); a tied matrix
+    # U(-1/sqrt(embed_dim), 1/sqrt(embed_dim)) (worker/engine/model.py, docs/benchmarks.md).
+    # A number: U(-init_range, init_range) for the embedding and decoder weights and a zero
+    # decoder bias, as PyTorch's word_language_model example (initrange = 0.1).
+    init_range: float | None = Field(default=None, gt=0.0, le=10.0)
     pretrained_embeddings: PretrainedEmbeddings | None = None
 
     @model_validator(mode="after")
@@ -143,6 +146,10 @@ class TrainingSpec(_Strict):
     early_stopping: EarlyStoppingSpec | None = None
     eval_interval: int = Field(default=100, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
+    # Each step, each stream's carried hidden state is reset to zeros with this probability,
+    # so the model also learns to predict from the zero state that evaluation and sampling
+    # start from (docs/benchmarks.md, "Robust defaults"). 0 carries it through whole epochs.
+    state_reset_prob: float = Field(default=0.02, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -35,6 +36,8 @@ from worker.engine.tokenizers import Tokenizer
 
 T = TypeVar("T")
 
+RECENT_STEPS = 50  # how many of the last steps' training losses the fresh-state check averages
+
 
 def _detach(hidden: Hidden | None) -> Hidden | None:
     return None if hidden is None else (hidden[0].detach(), hidden[1].detach())
@@ -44,7 +47,7 @@ def _detach(hidden: Hidden | None) -> Hidden | None:
 class LoopState:
     """A run's progress: the step, the best and latest validation losses, the schedule and
     early-stopping counters, the carried LSTM hidden state, the best weights (kept when a test
-    split is evaluated at the end) and the seconds already run. Saved and restored as a whole;
+    split is evaluated at the end), the last training losses and the seconds already run. Saved and restored as a whole;
     the CPU/CUDA generator states travel with it in the checkpoint."""
 
     schedule: LRSchedule
@@ -56,6 +59,9 @@ class LoopState:
     runtime_before: float = 0.0  # seconds run before this (re)start, for max_runtime_s
     hidden: Hidden | None = field(default=None, repr=False)  # (num_layers, batch, hidden_dim) x2
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # The training losses of the last reported steps (nats/token), for the fresh-state check.
+    recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS),
+                                        repr=False)
 
     def trainer_state(self, batches: TrainBatches, runtime_s: float) -> dict[str, Any]:
         """The JSON part of a checkpoint (``trainer_state`` in its header)."""
@@ -69,6 +75,7 @@ class LoopState:
             "runtime_s": runtime_s,
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state(),
+            "recent_losses": list(self.recent_losses),
         }
 
     def restore(self, ckpt: LoadedCheckpoint, device: torch.device) -> None:
@@ -82,6 +89,7 @@ class LoopState:
         self.runtime_before = float(ts["runtime_s"])
         self.schedule.load(ts["schedule"])
         self.stopper.load(ts["early_stopping"])
+        self.recent_losses.extend(ts.get("recent_losses", ()))  # absent before this field
         self.best_weights = ({k: v.to(device) for k, v in ckpt.best_state.items()}
                              if ckpt.best_state else None)
         self.hidden = (None if ckpt.hidden is None
@@ -180,7 +188,7 @@ class TrainLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, epoch_start = self.batches.get(step - 1)  # (batch, seq_len) each
-        hidden = None if epoch_start else _detach(self.state.hidden)
+        hidden = None if epoch_start else self._carried_state(step)
         rng_before = torch.get_rng_state() if self.sync_each_step else None
         self.optimizer.zero_grad(set_to_none=True)
         amp = self.autocast_dtype
@@ -204,6 +212,20 @@ class TrainLoop:
         self.state.step = step
         self.pending.append(PendingStep(step, loss.detach(), norm.detach(), lr,
                                         time.perf_counter()))
+
+    def _carried_state(self, step: int) -> Hidden | None:
+        """The hidden state carried into ``step``, detached (truncated BPTT), with each
+        stream's state reset to zeros with probability ``training.state_reset_prob``. The
+        resets are drawn from a generator seeded by (seed, step), so a resumed run draws the
+        same ones and the global generator (dropout) is left alone."""
+        hidden = _detach(self.state.hidden)
+        t = self.spec.training
+        if hidden is None or t.state_reset_prob == 0.0:
+            return hidden
+        g = torch.Generator().manual_seed((t.seed * 1_000_003 + step) % 2**63)
+        keep = torch.rand(hidden[0].size(1), generator=g) >= t.state_reset_prob  # (batch,)
+        mask = keep.to(device=hidden[0].device, dtype=hidden[0].dtype).view(1, -1, 1)
+        return hidden[0] * mask, hidden[1] * mask
 
     def _after_step(self, step: int) -> StopReason | None:
         """Validation, periodic checkpoint and metrics flush due after ``step``; the stop
@@ -307,6 +329,7 @@ class TrainLoop:
                           lr=p.lr, grad_norm=norm, tokens_per_s=tokens_per_s,
                           elapsed_s=p.t_end - self.clock.t0,
                           tokens_seen=p.step * self.batches.tokens_per_batch)
+        self.state.recent_losses.append(loss)
         val = self.vals.pop(p.step, None)
         if val is not None:
             row.val_loss, row.val_ppl, row.val_bpc = val.loss, val.ppl, val.bpc

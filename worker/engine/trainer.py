@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 
 import torch
 
@@ -120,14 +121,17 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
                      corpus=corpus, tokenizer=tok, hooks=hooks, device=dev, state=state)
     stop_reason = loop.run()
 
-    # -- test with the best weights --------------------------------------------------------
+    # -- the fresh-state check (final weights), then test with the best weights ----------
+    fresh = _fresh_state_loss(loop)
     test = None
     if corpus.test is not None:
         if state.best_weights is not None:
             model.load_state_dict(state.best_weights, strict=False)
         test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
                         char_level=tok.kind == "char", autocast_dtype=loop.autocast_dtype)
-    return _result(loop, stop_reason, test, tok.vocab_size, coverage)
+    result = _result(loop, stop_reason, test, tok.vocab_size, coverage)
+    fresh_state_check(result, fresh, state.recent_losses)
+    return result
 
 
 def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
@@ -197,3 +201,42 @@ def _result(loop: TrainLoop, stop_reason: StopReason, test: EvalResult | None,
         test_top5_accuracy=None if test is None else test.top5_accuracy,
         embedding_coverage=coverage,
     )
+
+
+#: Tokens of the training split the fresh-state check evaluates (the first ones).
+FRESH_STATE_TOKENS = 50_000
+
+
+def _fresh_state_loss(loop: TrainLoop) -> float | None:
+    """The model's loss (nats/token) on the first :data:`FRESH_STATE_TOKENS` tokens of the
+    training split, cut into ``batch_size`` streams that each start from a zero hidden state,
+    as validation and sampling start. None when nothing was trained."""
+    if loop.state.step == 0:
+        return None
+    t = loop.spec.training
+    ids = loop.corpus.train[:FRESH_STATE_TOKENS]
+    res = loop.clock.timed(evaluate, loop.model, ids, t.batch_size, t.seq_len, loop.device,
+                           False, loop.autocast_dtype)
+    return res.loss
+
+
+def fresh_state_check(result: TrainingResult, fresh: float | None,
+                      recent: Sequence[float]) -> None:
+    """Report the fresh-state loss and warn (``fresh_state_gap``) when it is far above the
+    training loss: the signature of a model that learned to rely on a hidden state carried
+    from the start of training and predicts badly from the zero state that evaluation and
+    sampling start from. "Far": more than max(0.1 nats, 20% of the training loss) above the
+    mean training loss of the last steps (which, measured with dropout on, is if anything
+    higher than an evaluation without it)."""
+    if fresh is None or not recent:
+        return
+    train_loss = sum(recent) / len(recent)
+    result.fresh_state_train_loss, result.recent_train_loss = fresh, train_loss
+    if fresh - train_loss > max(0.1, 0.2 * train_loss):
+        message = (f"from a fresh (zero) hidden state the model's loss on training text is "
+                   f"{fresh:.3f} nats/token, against {train_loss:.3f} in training with the "
+                   f"carried state: it predicts badly from the state that evaluation and "
+                   f"sampling start from. Raise training.state_reset_prob (e.g. 0.05) or "
+                   f"leave model.init_range unset (each layer's own scale).")
+        log.warning("%s", message)
+        result.warnings.append({"code": "fresh_state_gap", "message": message})
