@@ -4,7 +4,8 @@
     lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
     lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
     lmforge db upgrade                      upgrade the database schema to the newest revision
-    lmforge train SPEC.json --output DIR    train without any service
+    lmforge train SPEC.json --output DIR [--overwrite | --resume]
+                                            train without any service
     lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
 
 Each subcommand imports only what it needs: ``up`` and ``api`` never import torch, and
@@ -82,7 +83,9 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from lmforge.local import train_command
 
-    return int(train_command(Path(args.spec), Path(args.output)))
+    output = Path(args.output)
+    resume = output / "last.safetensors" if args.resume else None
+    return int(train_command(Path(args.spec), output, resume=resume, overwrite=args.overwrite))
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -151,7 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model locally, without the service")
     train.add_argument("spec", metavar="SPEC.json", help="a job spec (JSON)")
-    train.add_argument("--output", required=True, metavar="DIR", help="checkpoints and metrics")
+    train.add_argument("--output", required=True, metavar="DIR",
+                       help="checkpoints and metrics; must be empty unless --overwrite or --resume")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the earlier lmforge run in DIR (removes only the files its "
+                               "manifest.json lists, their sidecars, metrics.jsonl and "
+                               "manifest.json; refuses when DIR holds anything else)")
+    existing.add_argument("--resume", action="store_true",
+                          help="continue the run in DIR from its last.safetensors")
     train.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser("sample", help="sample text from a checkpoint file")

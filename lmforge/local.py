@@ -2,6 +2,12 @@
 services. Checkpoints are written atomically (temporary file, fsync, rename) with a sha256 in
 ``manifest.json`` and a ``.sha256`` sidecar; progress goes to stderr and the run ends with one
 JSON line on stdout.
+
+The output directory belongs to one run: a non-empty one is refused unless the run is asked to
+``overwrite`` it (only the files an earlier run's ``manifest.json`` names are removed) or to
+``resume`` the run in it. Every ``*.safetensors`` and ``*.sha256`` a run leaves there is listed
+in ``manifest.json`` (a checkpoint is listed before it is written and unlisted only after it
+is deleted, so not even an interrupted run leaves one unlisted).
 """
 
 from __future__ import annotations
@@ -84,21 +90,118 @@ def write_atomic(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+LAST = "last.safetensors"
+
+
+class OutputDirError(Exception):
+    """The output directory cannot be used as asked (``lmforge train`` exit code 2)."""
+
+
+def _check_name(name: object) -> str:
+    """A manifest key as a file name in the output directory: a plain ``*.safetensors`` name,
+    no path separator, no ``..``, not hidden. Raises :class:`OutputDirError` otherwise."""
+    if (not isinstance(name, str) or not name.endswith(".safetensors") or name.startswith(".")
+            or "/" in name or "\\" in name or ".." in name or Path(name).name != name):
+        raise OutputDirError(f"{MANIFEST} lists {name!r}, which is not a checkpoint file name "
+                             f"in this directory; refusing to touch it")
+    return name
+
+
+def read_manifest(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """The checkpoints ``output_dir/manifest.json`` lists, by file name (``{}`` without one).
+    Raises :class:`OutputDirError` for an unreadable manifest or a name
+    :func:`_check_name` refuses."""
+    path = output_dir / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
+        if not isinstance(entries, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("step"), int) for e in entries.values()):
+            raise TypeError("'checkpoints' is not an object of entries with an integer 'step'")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputDirError(f"{path} is not an lmforge manifest ({exc}); "
+                             f"refusing to touch the directory") from exc
+    return {_check_name(name): entry for name, entry in entries.items()}
+
+
+def run_files(entries: dict[str, dict[str, Any]]) -> set[str]:
+    """The files a run made, by its manifest: the listed checkpoints, their ``.sha256``
+    sidecars, ``metrics.jsonl`` and ``manifest.json``."""
+    return {*entries, *(f"{name}.sha256" for name in entries), METRICS, MANIFEST}
+
+
+def prepare_output_dir(output_dir: Path, *, overwrite: bool = False,
+                       resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Make ``output_dir`` ready for a run and return the manifest entries it starts from.
+
+    Empty or missing: created, ``{}``. Otherwise ``overwrite`` removes the earlier run's files
+    (:func:`run_files`, nothing else) and returns ``{}``, and ``resume`` returns the
+    directory's manifest. Raises :class:`OutputDirError` (nothing removed) for a non-empty
+    directory without either flag, both flags, files ``overwrite`` would not remove, or
+    checkpoint files (``*.safetensors``, ``*.sha256``) the manifest does not list on resume.
+    """
+    if overwrite and resume:
+        raise OutputDirError("--overwrite and --resume exclude each other")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"the output {output_dir} is not a directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    present = sorted(p.name for p in output_dir.iterdir())
+    if not present:
+        return {}
+    if not (overwrite or resume):
+        raise OutputDirError(
+            f"the output directory {output_dir} is not empty ({_names(present)}); pass "
+            f"--overwrite to replace the lmforge run in it, --resume to continue that run from "
+            f"its {LAST}, or choose an empty directory")
+    entries = read_manifest(output_dir)
+    known = run_files(entries)
+    if resume:
+        strays = [n for n in present if n not in known and n.endswith((".safetensors", ".sha256"))]
+        if strays:
+            raise OutputDirError(f"{output_dir} holds checkpoint files that {MANIFEST} does not "
+                                 f"list: {', '.join(strays)}; move them away to resume there")
+        return entries
+    unknown = [n for n in present if n not in known or _is_real_dir(output_dir / n)]
+    if unknown:
+        raise OutputDirError(
+            f"--overwrite removes only the files of an earlier lmforge run (those {MANIFEST} "
+            f"lists, their .sha256 sidecars, {METRICS} and {MANIFEST}), and {output_dir} also "
+            f"holds {', '.join(unknown)}; move them away or choose another directory")
+    for name in present:  # every one of them is in `known`
+        (output_dir / name).unlink()
+    return {}
+
+
+def _names(names: Sequence[str], limit: int = 10) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 class LocalHooks:
     """Checkpoints into a directory; metrics to ``metrics.jsonl`` and stderr; Ctrl-C asks the
-    run to stop."""
+    run to stop. ``manifest``: the entries of the run being resumed (``{}`` for a new run)."""
 
-    def __init__(self, output_dir: Path, keep: int, out: Any = None) -> None:
+    def __init__(self, output_dir: Path, keep: int, out: Any = None,
+                 manifest: dict[str, dict[str, Any]] | None = None) -> None:
         self.dir = output_dir
         self.keep = keep
         self.out = out
         self.stop_requested = False
-        self.manifest: dict[str, dict[str, Any]] = {}
-        self.periodic: list[str] = []
+        self.manifest: dict[str, dict[str, Any]] = dict(manifest or {})
+        self.periodic: list[str] = sorted(
+            (n for n, e in self.manifest.items() if e.get("kind") == "periodic"),
+            key=lambda n: int(self.manifest[n]["step"]))
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
         # metrics.jsonl: one JSON object per step, as GET /v1/jobs/{id}/metrics returns them.
-        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.dir / METRICS, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
         for r in rows:
             line = (f"step {r.step:>6}  epoch {r.epoch:6.3f}  loss {r.train_loss:.4f}  "
@@ -108,50 +211,136 @@ class LocalHooks:
             print(line, file=self.out or sys.stderr, flush=True)
 
     def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
+        """Write the checkpoint and its sidecar, then prune periodic ones beyond ``keep``. The
+        manifest lists a new name before its file exists and drops a pruned one only after its
+        files are gone."""
         name = (f"periodic-{checkpoint.step:08d}.safetensors" if checkpoint.kind == "periodic"
                 else f"{checkpoint.kind}.safetensors")
-        digest = write_atomic(self.dir / name, checkpoint.data)
-        write_atomic(self.dir / f"{name}.sha256", f"{digest}  {name}\n".encode())
-        self.manifest[name] = {"kind": checkpoint.kind, "step": checkpoint.step,
-                               "bytes": len(checkpoint.data), "sha256": digest,
-                               "metrics": checkpoint.metrics}
-        if checkpoint.kind == "periodic":
+        entry = {"kind": checkpoint.kind, "step": checkpoint.step,
+                 "bytes": len(checkpoint.data),
+                 "sha256": hashlib.sha256(checkpoint.data).hexdigest(),
+                 "metrics": checkpoint.metrics}
+        if name not in self.manifest:
+            self.manifest[name] = entry
+            self.write_manifest()
+        write_atomic(self.dir / name, checkpoint.data)
+        write_atomic(self.dir / f"{name}.sha256", f"{entry['sha256']}  {name}\n".encode())
+        self.manifest[name] = entry
+        if checkpoint.kind == "periodic" and name not in self.periodic:
             self.periodic.append(name)
-            while len(self.periodic) > self.keep:
-                old = self.periodic.pop(0)
-                self.manifest.pop(old, None)
-                for p in (self.dir / old, self.dir / f"{old}.sha256"):
-                    p.unlink(missing_ok=True)
-        write_atomic(self.dir / "manifest.json",
-                     json.dumps({"checkpoints": self.manifest}, indent=2).encode())
+        while len(self.periodic) > self.keep:
+            self._remove(self.periodic.pop(0))
+        self.write_manifest()
 
     def should_stop(self) -> bool:
         return self.stop_requested
 
+    def write_manifest(self) -> None:
+        write_atomic(self.dir / MANIFEST,
+                     json.dumps({"checkpoints": self.manifest}, indent=2).encode())
 
-def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None) -> int:
-    """Run the spec at ``spec_path`` into ``output_dir``. Exit code 0 on success, 1 when the
-    job fails (the error as JSON on stdout), 2 for an unreadable or invalid spec."""
-    from worker.engine.trainer import train  # torch is imported here, not at CLI start-up
+    def rewind(self, step: int) -> None:
+        """Forget what lies after ``step`` (the step a resumed run continues from): the
+        checkpoints the manifest gives a later step (files removed) and the ``metrics.jsonl``
+        rows of later steps (or unreadable ones); the manifest is rewritten."""
+        for name in [n for n, e in self.manifest.items() if e["step"] > step]:
+            print(f"removing {name}: step {self.manifest[name].get('step')} is after the "
+                  f"resumed step {step}", file=self.out or sys.stderr)
+            self._remove(name)
+            if name in self.periodic:
+                self.periodic.remove(name)
+        metrics = self.dir / METRICS
+        if metrics.exists():
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if _row_at_or_before(line, step)]
+            write_atomic(metrics, "".join(f"{line}\n" for line in kept).encode())
+        self.write_manifest()
 
+    def _remove(self, name: str) -> None:
+        """Delete a listed checkpoint and its sidecar, then unlist it."""
+        for p in (self.dir / name, self.dir / f"{name}.sha256"):
+            p.unlink(missing_ok=True)
+        self.manifest.pop(name, None)
+
+
+def _row_at_or_before(line: str, step: int) -> bool:
+    """Whether one ``metrics.jsonl`` line is a readable row of a step at or before ``step``."""
+    try:
+        row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(row_step, int) and row_step <= step
+
+
+def _load_spec(spec_path: Path) -> JobSpec | None:
+    """The spec at ``spec_path``, or None after printing why not (exit code 2)."""
     try:
         raw = Path(spec_path).read_text(encoding="utf-8")
     except OSError as exc:
         print(f"error: cannot read the spec file {spec_path}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return None
     try:
-        spec = JobSpec.model_validate_json(raw)
+        return JobSpec.model_validate_json(raw)
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
                     f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
         print(json.dumps({"error": {"code": "invalid_spec", "message": "; ".join(problems)}}))
         for line in problems:
             print(f"invalid spec {spec_path}: {line}", file=sys.stderr)
+        return None
+
+
+def _resume_point(resume: Path, output_dir: Path,
+                  entries: dict[str, dict[str, Any]]) -> tuple[bytes, int]:
+    """The bytes and step of the checkpoint to resume from. Raises :class:`OutputDirError`
+    when it cannot be read, ``TrainingError("invalid_checkpoint")`` when it does not match the
+    sha256 the output directory's manifest gives it or has no step."""
+    from worker.engine.checkpoint import read_metadata
+
+    try:
+        data = resume.read_bytes()
+    except OSError as exc:
+        raise OutputDirError(f"cannot read the checkpoint to resume from, {resume}: "
+                             f"{exc.strerror}") from exc
+    listed = entries.get(resume.name) if resume.parent.resolve() == output_dir.resolve() else None
+    if listed is not None and hashlib.sha256(data).hexdigest() != listed.get("sha256"):
+        raise TrainingError("invalid_checkpoint",
+                            f"{resume} does not match the sha256 {MANIFEST} gives it")
+    try:
+        step = int(json.loads(read_metadata(data)["trainer_state"])["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError("invalid_checkpoint",
+                            f"{resume} is not a resumable lmforge checkpoint: {exc}") from exc
+    return data, step
+
+
+def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
+                  overwrite: bool = False) -> int:
+    """Run the spec at ``spec_path`` into ``output_dir``. Exit code 0 on success, 1 when the
+    job fails (the error as JSON on stdout), 2 for an unreadable or invalid spec or an output
+    directory that cannot be used as asked (:func:`prepare_output_dir`; message on stderr).
+
+    ``resume``: a ``last``/``periodic`` checkpoint to continue from (``lmforge train --resume``
+    passes ``output_dir/last.safetensors``); the directory's manifest and ``metrics.jsonl``
+    are kept up to its step. ``overwrite``: replace the earlier run in a non-empty directory.
+    """
+    from worker.engine.trainer import train  # torch is imported here, not at CLI start-up
+
+    spec = _load_spec(spec_path)
+    if spec is None:
         return 2
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, fresh metrics
-    hooks = LocalHooks(output_dir, spec.training.keep_checkpoints)
+    try:
+        entries = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume is not None)
+        start = None if resume is None else _resume_point(Path(resume), output_dir, entries)
+    except OutputDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(json.dumps({"error": exc.as_dict()}))
+        return 1
+    hooks = LocalHooks(output_dir, spec.training.keep_checkpoints, manifest=entries)
+    if start is not None:
+        hooks.rewind(start[1])
     previous = signal.getsignal(signal.SIGINT)
 
     def _on_sigint(signum: int, frame: Any) -> None:
@@ -163,8 +352,7 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None)
     t0 = time.perf_counter()
     try:
         texts = resolve_texts(spec, Path(spec_path).resolve().parent)
-        resume_bytes = None if resume is None else Path(resume).read_bytes()
-        result = train(spec, texts, hooks, resume_from=resume_bytes)
+        result = train(spec, texts, hooks, resume_from=None if start is None else start[0])
     except TrainingError as exc:
         print(json.dumps({"error": exc.as_dict()}))
         return 1

@@ -3,10 +3,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.spec import JobSpec
+from lmforge.cli import main
 from lmforge.local import resolve_texts, sample_command, train_command
 
 
@@ -50,8 +52,8 @@ def test_train_command_writes_one_metrics_line_per_step(tmp_path: Path, small_te
             "training": {"batch_size": 4, "seq_len": 8, "max_steps": 5, "eval_interval": 5,
                          "log_interval": 2, "num_threads": 1}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    for _ in range(2):  # a second run into the same folder starts its metrics afresh
-        assert train_command(tmp_path / "spec.json", tmp_path / "out") == 0
+    for overwrite in (False, True):  # a second run into the same folder starts its metrics afresh
+        assert train_command(tmp_path / "spec.json", tmp_path / "out", overwrite=overwrite) == 0
     rows = [json.loads(line) for line in
             (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -79,3 +81,184 @@ def test_sample_command_rejects_a_negative_top_k(
     (tmp_path / "x.safetensors").write_bytes(b"abc")
     assert sample_command(tmp_path / "x.safetensors", "a", 5, 1.0, -3) == 1
     assert "top_k must be >= 1" in capsys.readouterr().err
+
+
+# -- the output directory: refuse, --overwrite, --resume -----------------------------------
+
+
+def _write_spec(tmp_path: Path, small_text: str, name: str = "spec.json",
+                **training: object) -> Path:
+    """A tiny char-model spec beside corpus.txt; ``training`` overrides TrainingSpec fields."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(small_text, encoding="utf-8")
+    t = {"batch_size": 4, "seq_len": 8, "max_steps": 6, "eval_interval": 3, "log_interval": 1,
+         "num_threads": 1, **training}
+    spec = {"dataset": {"path": "corpus.txt"},
+            "model": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1}, "training": t}
+    path = tmp_path / name
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every entry of ``d`` with its bytes (None for a directory)."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(d.iterdir())}
+
+
+def _manifest(out: Path) -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = json.loads((out / "manifest.json").read_text())[
+        "checkpoints"]
+    return entries
+
+
+def _assert_every_checkpoint_file_is_listed(out: Path) -> dict[str, dict[str, Any]]:
+    """Every *.safetensors and *.sha256 in ``out`` is in the manifest (sidecar: its
+    checkpoint), every listed checkpoint exists and matches its sha256."""
+    manifest = _manifest(out)
+    on_disk = {p.name for p in out.iterdir() if p.suffix in (".safetensors", ".sha256")}
+    assert on_disk == {*manifest, *(f"{n}.sha256" for n in manifest)}
+    for name, entry in manifest.items():
+        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert digest == entry["sha256"]
+        assert (out / f"{name}.sha256").read_text() == f"{digest}  {name}\n"
+    return manifest
+
+
+def test_train_command_refuses_a_non_empty_output_directory_naming_the_flags(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write_spec(tmp_path, small_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train_command(spec, out) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and "--resume" in err
+    assert _snapshot(out) == {"notes.txt": b"mine"}
+    assert main(["train", str(spec), "--output", str(out)]) == 2  # the CLI: the same
+
+
+def test_the_cli_refuses_overwrite_and_resume_together(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write_spec(tmp_path, small_text)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(spec), "--output", str(tmp_path / "out"), "--overwrite", "--resume"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_removes_the_earlier_runs_periodic_checkpoints(
+        tmp_path: Path, small_text: str) -> None:
+    out = tmp_path / "out"
+    first = _write_spec(tmp_path, small_text, "first.json", max_steps=8, checkpoint_interval=2,
+                        keep_checkpoints=3)
+    assert train_command(first, out) == 0
+    periodic = sorted(n for n, e in _assert_every_checkpoint_file_is_listed(out).items()
+                      if e["kind"] == "periodic")
+    assert periodic == [f"periodic-{s:08d}.safetensors" for s in (4, 6, 8)]  # 2 was pruned
+    second = _write_spec(tmp_path, small_text, "second.json", max_steps=3,
+                         checkpoint_interval=3, keep_checkpoints=3)
+    assert main(["train", str(second), "--output", str(out), "--overwrite"]) == 0
+    manifest = _assert_every_checkpoint_file_is_listed(out)
+    assert sorted(manifest) == ["best.safetensors", "last.safetensors",
+                                "periodic-00000003.safetensors"]
+    assert {p.name for p in out.iterdir()} == {*manifest, *(f"{n}.sha256" for n in manifest),
+                                               "manifest.json", "metrics.jsonl"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_overwrite_refuses_unknown_files_naming_them_and_removes_nothing(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    spec = _write_spec(tmp_path, small_text, max_steps=2, eval_interval=2)
+    assert train_command(spec, out) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "other.safetensors").write_bytes(b"not listed")
+    (out / "sub").mkdir()
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert train_command(spec, out, overwrite=True) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "other.safetensors" in err and "sub" in err
+    assert "last.safetensors" not in err.split("holds", 1)[1]  # the run's own files are fine
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["../victim.safetensors", "sub/victim.safetensors",
+                                  "..", "victim.txt", "/tmp/victim.safetensors"])
+def test_overwrite_refuses_a_manifest_name_outside_the_directory(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "victim.safetensors").write_bytes(b"keep me")
+    (out / "manifest.json").write_text(json.dumps({"checkpoints": {name: {"step": 1}}}))
+    spec = _write_spec(tmp_path, small_text)
+    assert train_command(spec, out, overwrite=True) == 2
+    assert "refusing to touch it" in capsys.readouterr().err
+    assert (tmp_path / "victim.safetensors").read_bytes() == b"keep me"
+    assert (out / "manifest.json").exists()
+
+
+def test_resume_continues_the_run_in_the_directory_with_a_consistent_manifest_and_metrics(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    first = _write_spec(tmp_path, small_text, "first.json", checkpoint_interval=2,
+                        keep_checkpoints=2)
+    assert train_command(first, out) == 0
+    assert _manifest(out)["last.safetensors"]["step"] == 6
+    longer = _write_spec(tmp_path, small_text, "longer.json", max_steps=10,
+                         checkpoint_interval=2, keep_checkpoints=2)
+    capsys.readouterr()
+    assert main(["train", str(longer), "--output", str(out), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 10
+    manifest = _assert_every_checkpoint_file_is_listed(out)
+    assert manifest["last.safetensors"]["step"] == 10
+    assert sorted(n for n, e in manifest.items() if e["kind"] == "periodic") == [
+        "periodic-00000008.safetensors", "periodic-00000010.safetensors"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+
+
+def test_resume_forgets_what_lies_after_the_resumed_checkpoint(
+        tmp_path: Path, small_text: str) -> None:
+    out = tmp_path / "out"
+    spec = _write_spec(tmp_path, small_text, max_steps=8, checkpoint_interval=2,
+                       keep_checkpoints=4)
+    assert train_command(spec, out) == 0
+    at_4 = out / "periodic-00000004.safetensors"
+    assert train_command(spec, out, resume=at_4) == 0  # the same 8 steps, from step 4 on
+    manifest = _assert_every_checkpoint_file_is_listed(out)
+    assert sorted(e["step"] for e in manifest.values() if e["kind"] == "periodic") == [2, 4, 6, 8]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def test_resume_refuses_unlisted_checkpoints_and_a_missing_last(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write_spec(tmp_path, small_text, max_steps=2, eval_interval=2)
+    empty = tmp_path / "empty"
+    assert main(["train", str(spec), "--output", str(empty), "--resume"]) == 2
+    assert "last.safetensors" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert train_command(spec, out) == 0
+    (out / "periodic-00000099.safetensors").write_bytes(b"from elsewhere")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert train_command(spec, out, resume=out / "last.safetensors") == 2
+    assert "periodic-00000099.safetensors" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resume_refuses_a_last_checkpoint_that_fails_the_manifest_sha256(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write_spec(tmp_path, small_text, max_steps=2, eval_interval=2)
+    out = tmp_path / "out"
+    assert train_command(spec, out) == 0
+    last = out / "last.safetensors"
+    data = last.read_bytes()
+    last.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last tensor
+    capsys.readouterr()
+    assert train_command(spec, out, resume=last) == 1
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "invalid_checkpoint"

@@ -56,20 +56,45 @@ class TrainBatches:
         return batches_done / self.batches_per_epoch
 
 
+def stream_bounds(n_targets: int, streams: int) -> list[int]:
+    """Where :func:`eval_streams` cuts ``n_targets`` targets into ``streams`` contiguous
+    streams: ``streams + 1`` integers, stream ``i`` covering targets ``[b[i], b[i + 1])``.
+
+    ``b[i] = round(i * n_targets / streams)`` in exact integer arithmetic, ties to even (the
+    rule of Python's ``round`` and ``torch.round``): the values ``torch.linspace(0, n_targets,
+    streams + 1).round()`` stands for, without its float32 error, which past 2**24 made a stream
+    one longer than ``ceil(n_targets / streams)`` (and the last bound miss ``n_targets``).
+    Hence ``b[0] == 0``, ``b[streams] == n_targets``, non-decreasing, and every stream holds
+    ``floor(n / streams)`` or ``ceil(n / streams)`` targets. Pure Python ints: exact for any
+    size. Raises ``ValueError`` for ``n_targets < 0`` or ``streams < 1``.
+    """
+    if n_targets < 0 or streams < 1:
+        raise ValueError(f"stream_bounds needs n_targets >= 0 and streams >= 1, "
+                         f"got {n_targets} and {streams}")
+    bounds = []
+    for i in range(streams + 1):
+        q, r = divmod(i * n_targets, streams)
+        if 2 * r > streams or (2 * r == streams and q % 2 == 1):  # round half to even
+            q += 1
+        bounds.append(q)
+    return bounds
+
+
 def eval_streams(ids: torch.Tensor, num_streams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a split of N tokens into at most ``num_streams`` contiguous streams such that every
     token except the first is a target exactly once (N - 1 targets, none dropped).
 
     Returns inputs and targets, each (streams, L) int64, L = ceil((N - 1) / streams); the
     shorter streams are padded with input 0 and target -100 (``ignore_index``). Each stream
-    starts from a zero hidden state, as batchified streams do in the reference loop.
+    starts from a zero hidden state, as batchified streams do in the reference loop. The
+    streams are cut at :func:`stream_bounds` (exact integers, any N).
     """
     n_targets = ids.numel() - 1
     s = max(1, min(num_streams, n_targets))
     length = -(-n_targets // s)
     x = torch.zeros(s, length, dtype=torch.long)
     y = torch.full((s, length), -100, dtype=torch.long)
-    bounds = torch.linspace(0, n_targets, s + 1).round().long().tolist()
+    bounds = stream_bounds(n_targets, s)
     for i in range(s):
         a, b = bounds[i], bounds[i + 1]
         x[i, : b - a] = ids[a:b]

@@ -14,12 +14,20 @@ from core.spec import EarlyStoppingSpec, ScheduleSpec
 
 @dataclass
 class LRSchedule:
-    """``lr_at(step)`` for the 1-based optimizer step.
+    """``lr_at(step)`` for the 1-based optimizer step; ``total_steps`` is the budget N in steps
+    (the horizon, :func:`worker.engine.trainer.budget_steps`).
 
-    - warm-up (every kind): ``lr * step / warmup_steps`` for ``step <= warmup_steps``;
-    - ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2``,
-      ``p = (step - warmup) / (total_steps - warmup)`` (SGDR, Loshchilov & Hutter 2017, without
-      restarts, as nanoGPT's ``get_lr``);
+    - warm-up (every kind): ``lr * step / warmup_steps`` for ``step <= warmup_steps``, so the
+      first step already moves (``lr / warmup_steps > 0``) and step ``warmup_steps`` is at ``lr``;
+    - ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2`` with
+      ``p = min(1, (step - warmup - 1) / (N - warmup))``: step k uses the value at the start of
+      its interval ``[k - 1, k]``, so the first step after warm-up is at ``lr``, the last step of
+      the budget at ``p = (N - warmup - 1) / (N - warmup) < 1`` (above ``min_lr`` whenever
+      ``lr > min_lr``: every step of the budget updates) and ``min_lr`` is reached at the end of
+      the budget, used from step N + 1 on. This is SGDR (Loshchilov & Hutter 2017) without
+      restarts: torch ``CosineAnnealingLR`` with ``T_max = N - warmup`` (its ``T_cur`` is the
+      number of scheduler steps taken before the optimizer step), and nanoGPT's ``get_lr(it)``
+      cosine branch with the 0-based ``it = step - 1`` and ``lr_decay_iters = N``;
     - ``step``: ``lr * gamma ** ((step - 1) // step_size)`` (torch ``StepLR``);
     - ``plateau``: ``lr * scale``, where :meth:`on_eval` multiplies ``scale`` by ``factor``
       after more than ``patience`` evaluations without a new best (torch
@@ -40,7 +48,7 @@ class LRSchedule:
             return self.base_lr * step / s.warmup_steps
         if s.kind == "cosine":
             span = max(1, self.total_steps - s.warmup_steps)
-            p = min(1.0, (step - s.warmup_steps) / span)
+            p = min(1.0, (step - s.warmup_steps - 1) / span)
             return s.min_lr + (self.base_lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
         if s.kind == "step":
             return self.base_lr * s.gamma ** ((step - 1) // s.step_size)
