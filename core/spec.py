@@ -108,8 +108,10 @@ class ScheduleSpec(_Strict):
     """Learning-rate schedule, stepped once per optimizer step (``plateau``: once per evaluation).
 
     - ``constant``: ``lr`` throughout (after optional linear warm-up).
-    - ``cosine``: linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` at the
-      step budget (``max_steps``, or the step equivalent of ``max_epochs``/``max_tokens``).
+    - ``cosine``: linear warm-up over ``warmup_steps``, then cosine decay towards ``min_lr``
+      over the step budget (``max_steps``, or the step equivalent of ``max_epochs``/
+      ``max_tokens``); each step uses the value at the start of its interval, so the last
+      step still updates and ``min_lr`` holds from the step after the budget.
     - ``step``: multiply by ``gamma`` every ``step_size`` steps.
     - ``plateau``: divide by ``1/factor`` once the validation loss has not improved for more
       than ``patience`` evaluations in a row, then count again (torch ``ReduceLROnPlateau``);

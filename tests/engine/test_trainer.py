@@ -214,3 +214,15 @@ def test_word_and_bpe_jobs_train_and_test_on_the_best_weights(small_text: str) -
         res = train(spec, CorpusTexts(train=small_text), RecordingHooks())
         assert res.test_loss is not None and res.test_bpc is None
         assert res.best_val_loss is not None
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_the_budget_trains_no_more(
+    small_text: str,
+) -> None:
+    spec = make_spec(max_steps=6, log_interval=3)
+    first = RecordingHooks()
+    done = train(spec, CorpusTexts(train=small_text), first)
+    again = RecordingHooks()
+    res = train(spec, CorpusTexts(train=small_text), again, resume_from=first.last("last").data)
+    assert (done.steps, res.steps, res.stop_reason) == (6, 6, "max_steps")
+    assert again.rows == []

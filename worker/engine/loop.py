@@ -171,7 +171,8 @@ class TrainLoop:
     def run(self) -> StopReason:
         """Train until a stopping rule holds; returns the stop reason. Saves ``last``."""
         self.model.train()
-        stop: StopReason | None = None
+        # A run resumed from a checkpoint taken when a budget already held trains no more.
+        stop = self._budget_stop(self.state.step) if self.state.step > 0 else None
         while stop is None:
             step = self.state.step + 1
             self._train_step(step)
