@@ -4,7 +4,7 @@
     lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
     lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
     lmforge db upgrade                      upgrade the database schema to the newest revision
-    lmforge train SPEC.json --output DIR [--overwrite | --resume]
+    lmforge train SPEC.json --output DIR [--overwrite | --resume] [--cache-dir D | --no-cache]
                                             train without any service
     lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
 
@@ -85,7 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     resume = output / "last.safetensors" if args.resume else None
-    return int(train_command(Path(args.spec), output, resume=resume, overwrite=args.overwrite))
+    return int(train_command(Path(args.spec), output, resume=resume, overwrite=args.overwrite,
+                             cache_dir=None if args.cache_dir is None else Path(args.cache_dir),
+                             use_cache=not args.no_cache))
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "manifest.json; refuses when DIR holds anything else)")
     existing.add_argument("--resume", action="store_true",
                           help="continue the run in DIR from its last.safetensors")
+    cache = train.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", metavar="DIR",
+                       help="where token files are kept and reused (default: "
+                            "$LMFORGE_TOKEN_CACHE_DIR, else ~/.cache/lmforge/tokens)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="tokenise the texts in memory, without reading or writing the cache")
     train.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser("sample", help="sample text from a checkpoint file")

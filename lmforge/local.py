@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from core.contract import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
 from core.corpora import builtin_corpus
+from core.sources import CorpusSources, TextSource
 from core.spec import DatasetSource, JobSpec
 
 log = logging.getLogger(__name__)
@@ -37,41 +38,88 @@ def _read_source(src: DatasetSource, base_dir: Path) -> str:
         return builtin_corpus(src.builtin)
     if src.path is not None:
         return _read_path(src.path, base_dir)
-    raise TrainingError("dataset_error",
-                        f"dataset id {src.id!r} needs the service; lmforge train reads "
-                        f"{{'path': ...}} or {{'builtin': 'python-docs'}}")
+    raise _needs_service(src)
 
 
-def _read_path(path: str, base_dir: Path) -> str:
+def _needs_service(src: DatasetSource) -> TrainingError:
+    return TrainingError("dataset_error",
+                         f"dataset id {src.id!r} needs the service; lmforge train reads "
+                         f"{{'path': ...}} or {{'builtin': 'python-docs'}}")
+
+
+def _find_path(path: str, base_dir: Path) -> Path:
     candidates = [Path(path)] if Path(path).is_absolute() else [base_dir / path, Path.cwd() / path]
     candidates = list(dict.fromkeys(c.resolve() for c in candidates))
     for p in candidates:
         if p.is_file():
-            try:
-                return p.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise TrainingError("dataset_error", f"cannot read {p}: {exc}") from exc
+            return p
     raise TrainingError("dataset_error",
                         f"no file {path!r} (looked in {', '.join(str(c) for c in candidates)})")
+
+
+def _read_path(path: str, base_dir: Path) -> str:
+    p = _find_path(path, base_dir)
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError("dataset_error", f"cannot read {p}: {exc}") from exc
+
+
+def _source(src: DatasetSource, base_dir: Path) -> TextSource:
+    if src.builtin is not None:
+        return TextSource.from_text(builtin_corpus(src.builtin), f"built-in corpus {src.builtin}")
+    if src.path is not None:
+        return TextSource.from_path(_find_path(src.path, base_dir))  # as Path.read_text reads
+    raise _needs_service(src)
+
+
+def _embeddings(spec: JobSpec, base_dir: Path) -> str | None:
+    emb = spec.model.pretrained_embeddings
+    if emb is None:
+        return None
+    if emb.path is None:
+        raise TrainingError("dataset_error", "pretrained_embeddings.dataset_id needs the "
+                            "service; lmforge train reads pretrained_embeddings.path")
+    return _read_path(emb.path, base_dir)
 
 
 def resolve_texts(spec: JobSpec, base_dir: Path) -> CorpusTexts:
     """Read every text the spec names: ``path`` (relative to ``base_dir``, then the current
     directory) or ``builtin``. Raises ``TrainingError("dataset_error")``."""
     assert spec.dataset is not None
-    emb = spec.model.pretrained_embeddings
-    embeddings = None
-    if emb is not None:
-        if emb.path is None:
-            raise TrainingError("dataset_error", "pretrained_embeddings.dataset_id needs the "
-                                "service; lmforge train reads pretrained_embeddings.path")
-        embeddings = _read_path(emb.path, base_dir)
     return CorpusTexts(
         train=_read_source(spec.dataset, base_dir),
         validation=None if spec.validation is None else _read_source(spec.validation, base_dir),
         test=None if spec.test is None else _read_source(spec.test, base_dir),
-        embeddings=embeddings,
+        embeddings=_embeddings(spec, base_dir),
     )
+
+
+def resolve_sources(spec: JobSpec, base_dir: Path) -> CorpusSources:
+    """The texts the spec names as streams (files are found now, read later by the engine),
+    each read as :func:`resolve_texts` reads it. Raises ``TrainingError("dataset_error")``."""
+    assert spec.dataset is not None
+    return CorpusSources(
+        train=_source(spec.dataset, base_dir),
+        validation=None if spec.validation is None else _source(spec.validation, base_dir),
+        test=None if spec.test is None else _source(spec.test, base_dir),
+    )
+
+
+#: Overrides where ``lmforge train`` keeps token files (the service reads it too:
+#: ``store.settings.Settings.cache_dir``).
+CACHE_DIR_ENV = "LMFORGE_TOKEN_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$LMFORGE_TOKEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/lmforge/tokens``, else
+    ``~/.cache/lmforge/tokens``: token files shared by every ``lmforge train`` run of this
+    user (never the output directory, which holds one run's files only)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lmforge" / "tokens"
 
 
 def write_atomic(path: Path, data: bytes) -> str:
@@ -315,7 +363,8 @@ def _resume_point(resume: Path, output_dir: Path,
 
 
 def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
-                  overwrite: bool = False) -> int:
+                  overwrite: bool = False, cache_dir: Path | None = None,
+                  use_cache: bool = True) -> int:
     """Run the spec at ``spec_path`` into ``output_dir``. Exit code 0 on success, 1 when the
     job fails (the error as JSON on stdout), 2 for an unreadable or invalid spec or an output
     directory that cannot be used as asked (:func:`prepare_output_dir`; message on stderr).
@@ -323,8 +372,11 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
     ``resume``: a ``last``/``periodic`` checkpoint to continue from (``lmforge train --resume``
     passes ``output_dir/last.safetensors``); the directory's manifest and ``metrics.jsonl``
     are kept up to its step. ``overwrite``: replace the earlier run in a non-empty directory.
+    The texts are tokenised once into token files under ``cache_dir`` (default:
+    :func:`default_cache_dir`) and reused by later runs on the same data; ``use_cache=False``
+    tokenises them in memory instead.
     """
-    from worker.engine.trainer import train  # torch is imported here, not at CLI start-up
+    from worker.engine.trainer import train_sources  # torch is imported here, not at start-up
 
     spec = _load_spec(spec_path)
     if spec is None:
@@ -351,8 +403,11 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
     signal.signal(signal.SIGINT, _on_sigint)
     t0 = time.perf_counter()
     try:
-        texts = resolve_texts(spec, Path(spec_path).resolve().parent)
-        result = train(spec, texts, hooks, resume_from=None if start is None else start[0])
+        base_dir = Path(spec_path).resolve().parent
+        result = train_sources(spec, resolve_sources(spec, base_dir), hooks,
+                               resume_from=None if start is None else start[0],
+                               cache_dir=(cache_dir or default_cache_dir()) if use_cache else None,
+                               embeddings=_embeddings(spec, base_dir))
     except TrainingError as exc:
         print(json.dumps({"error": exc.as_dict()}))
         return 1

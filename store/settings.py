@@ -32,9 +32,19 @@ class Settings(BaseSettings):
     # before its message is restored to the queue (Celery's worker_soft_shutdown_timeout).
     soft_shutdown_timeout_s: float = Field(default=10.0, alias="LMFORGE_SOFT_SHUTDOWN_TIMEOUT_S")
 
+    # Token files of prepared corpora (worker.engine.tokencache), shared by every worker on this
+    # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
+    token_cache_dir: Path | None = Field(default=None, alias="LMFORGE_TOKEN_CACHE_DIR")
+
     @property
     def storage_dir(self) -> Path:
         return self.lmforge_home / "storage"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the worker keeps token files: ``LMFORGE_TOKEN_CACHE_DIR``, else
+        ``LMFORGE_HOME/cache/tokens``."""
+        return self.token_cache_dir or self.lmforge_home / "cache" / "tokens"
 
     @property
     def sqlalchemy_url(self) -> str:

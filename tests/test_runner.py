@@ -165,6 +165,25 @@ def test_missing_dataset_blob_fails_with_dataset_error(env: Env) -> None:
     assert (job.status, job.error and job.error["code"]) == (JobStatus.FAILED, "dataset_error")
 
 
+def test_a_dataset_blob_changed_in_storage_fails_with_dataset_error(env: Env) -> None:
+    env.storage.put_bytes(storage_key(env.dataset_id), b"another text entirely\n" * 1000)
+    job_id = env.submit()
+    env.run(job_id)
+    job = env.job(job_id)
+    assert job.status == JobStatus.FAILED and job.error is not None
+    assert job.error["code"] == "dataset_error" and "sha256" in job.error["message"]
+
+
+def test_jobs_on_the_same_dataset_share_one_token_cache_entry(env: Env) -> None:
+    first, second = env.submit(), env.submit(max_steps=6, batch_size=2)
+    env.run(first)
+    env.run(second)
+    assert [env.job(j).status for j in (first, second)] == [JobStatus.SUCCEEDED] * 2
+    assert env.settings.cache_dir == env.settings.lmforge_home / "cache" / "tokens"
+    entries = [p for p in env.settings.cache_dir.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "train.bin").is_file()
+
+
 def test_requeued_job_resumes_from_its_last_checkpoint_recording_each_step_once(
     env: Env,
 ) -> None:

@@ -1,10 +1,10 @@
 """The job runner: turns a job id into a training run, with the database as the record.
 
-``run_job`` claims the job (a conditional update: a duplicate delivery returns quietly), reads
-its texts from storage, trains through :class:`DatabaseHooks` (metrics and checkpoints written
-one short transaction at a time, never one transaction for the whole run), and finishes the job
-as succeeded, failed or cancelled. A background heartbeat keeps ``jobs.heartbeat_at`` fresh so
-that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
+``run_job`` claims the job (a conditional update: a duplicate delivery returns quietly), opens
+its texts in storage as streams, trains through :class:`DatabaseHooks` (metrics and checkpoints
+written one short transaction at a time, never one transaction for the whole run), and finishes
+the job as succeeded, failed or cancelled. A background heartbeat keeps ``jobs.heartbeat_at``
+fresh so that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
 
 A worker that is shutting down sets the ``shutdown`` event given to :func:`run_job`: the engine
 then stops at its next ``should_stop`` poll (every ``log_interval`` steps) with a ``last``
@@ -26,7 +26,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.contract import CheckpointBlob, CorpusTexts, StepMetrics, TrainingError
+from core.contract import CheckpointBlob, StepMetrics, TrainingError
+from core.sources import CHUNK_CHARS, CorpusSources, TextSource
 from core.spec import DatasetSource, JobSpec
 from store.db import session_scope
 from store.models import Dataset, JobStatus
@@ -132,40 +133,54 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _read_source(source: DatasetSource, factory: SessionFactory, storage: Storage) -> str:
+def _source(source: DatasetSource, factory: SessionFactory, storage: Storage) -> TextSource:
     if source.builtin is not None:
         from core.corpora import builtin_corpus
 
-        return builtin_corpus(source.builtin)
+        return TextSource.from_text(builtin_corpus(source.builtin),
+                                    f"built-in corpus {source.builtin}")
     if source.id is None:
         raise TrainingError("dataset_error", "a job run by the service cannot read a 'path'")
-    return _read_dataset(source.id, factory, storage)
+    return _dataset_source(source.id, factory, storage)
+
+
+def _dataset_source(dataset_id: str, factory: SessionFactory, storage: Storage) -> TextSource:
+    """The dataset's blob as a stream, checked against the sha256 its row records whenever it
+    is read to the end (``dataset_error`` on a mismatch). Raises ``TrainingError
+    ("dataset_error")`` when the blob is missing."""
+    with session_scope(factory) as s:
+        row = s.get(Dataset, dataset_id)
+        key, sha = (None, None) if row is None else (row.storage_key, row.sha256)
+    if key is None or not storage.exists(key):
+        raise TrainingError("dataset_error", f"dataset {dataset_id} is missing from storage")
+    return TextSource(f"dataset {dataset_id}", opener=lambda: storage.open(key), sha256=sha)
 
 
 def _read_dataset(dataset_id: str, factory: SessionFactory, storage: Storage) -> str:
-    with session_scope(factory) as s:
-        row = s.get(Dataset, dataset_id)
-        key = None if row is None else row.storage_key
-    if key is None or not storage.exists(key):
-        raise TrainingError("dataset_error", f"dataset {dataset_id} is missing from storage")
-    try:
-        return storage.read_bytes(key).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TrainingError("dataset_error", f"dataset {dataset_id} is not UTF-8: {exc}") from exc
+    source = _dataset_source(dataset_id, factory, storage)
+    with source.open() as reader:
+        return "".join(iter(lambda: reader.read(CHUNK_CHARS), ""))
 
 
-def load_texts(spec: JobSpec, factory: SessionFactory, storage: Storage) -> CorpusTexts:
-    """The job's texts, decoded. Raises ``TrainingError("dataset_error")``."""
+def load_sources(spec: JobSpec, factory: SessionFactory, storage: Storage) -> CorpusSources:
+    """The job's texts as streams (nothing is read yet). Raises
+    ``TrainingError("dataset_error")`` for a missing dataset."""
     assert spec.dataset is not None
-    emb = spec.model.pretrained_embeddings
-    return CorpusTexts(
-        train=_read_source(spec.dataset, factory, storage),
+    return CorpusSources(
+        train=_source(spec.dataset, factory, storage),
         validation=None if spec.validation is None
-        else _read_source(spec.validation, factory, storage),
-        test=None if spec.test is None else _read_source(spec.test, factory, storage),
-        embeddings=None if emb is None or emb.dataset_id is None
-        else _read_dataset(emb.dataset_id, factory, storage),
+        else _source(spec.validation, factory, storage),
+        test=None if spec.test is None else _source(spec.test, factory, storage),
     )
+
+
+def load_embeddings(spec: JobSpec, factory: SessionFactory, storage: Storage) -> str | None:
+    """The pretrained embeddings' text (GloVe format) when the spec names a dataset for
+    them. Raises ``TrainingError("dataset_error")``."""
+    emb = spec.model.pretrained_embeddings
+    if emb is None or emb.dataset_id is None:
+        return None
+    return _read_dataset(emb.dataset_id, factory, storage)
 
 
 def run_job(
@@ -228,8 +243,9 @@ class Outcome:
 
 def _train(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory, storage: Storage,
            settings: Settings) -> Outcome:
-    """Prepare the resume, read the texts and train, with a background heartbeat. Never
-    raises: a failure is an :class:`Outcome` with an error."""
+    """Prepare the resume, open the texts and train (the engine tokenises them into the token
+    cache, ``settings.cache_dir``, or reuses an earlier job's files), with a background
+    heartbeat. Never raises: a failure is an :class:`Outcome` with an error."""
     job_id = hooks.job_id
     beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
     try:
@@ -237,11 +253,13 @@ def _train(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory, storage
             resume_from, stale = prepare_resume(s, storage, job_id)
         for key in stale:
             storage.delete(key)
-        texts = load_texts(spec, factory, storage)
+        sources = load_sources(spec, factory, storage)
+        embeddings = load_embeddings(spec, factory, storage)
         beat.start()
-        from worker.engine.trainer import train  # torch: only here, in the pool child
+        from worker.engine.trainer import train_sources  # torch: only here, in the pool child
 
-        result = train(spec, texts, hooks, resume_from=resume_from)
+        result = train_sources(spec, sources, hooks, resume_from=resume_from,
+                               cache_dir=settings.cache_dir, embeddings=embeddings)
         cancelled = result.stop_reason == "cancelled"
         return Outcome(JobStatus.CANCELLED if cancelled else JobStatus.SUCCEEDED,
                        result=result.as_dict())

@@ -33,6 +33,13 @@ class RecordingHooks:
         return [c for c in self.checkpoints if c.kind == kind][-1]
 
 
+@pytest.fixture(autouse=True)
+def _token_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lmforge train`` keeps its token files in a temporary directory, never ~/.cache."""
+    monkeypatch.setenv("LMFORGE_TOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("token-cache")))
+
+
 @pytest.fixture(scope="session")
 def small_text() -> str:
     """About 40k characters of real English text (tinyshakespeare when present)."""

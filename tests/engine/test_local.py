@@ -262,3 +262,29 @@ def test_resume_refuses_a_last_checkpoint_that_fails_the_manifest_sha256(
     capsys.readouterr()
     assert train_command(spec, out, resume=last) == 1
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "invalid_checkpoint"
+
+
+def test_train_command_tokenises_a_file_once_into_the_cache(
+        tmp_path: Path, small_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "corpus.txt").write_text(small_text, encoding="utf-8")
+    spec = {"dataset": {"path": "corpus.txt"},
+            "model": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
+            "training": {"batch_size": 4, "seq_len": 8, "max_steps": 2, "eval_interval": 2,
+                         "num_threads": 1}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMFORGE_TOKEN_CACHE_DIR", str(cache))
+    assert main(["train", str(tmp_path / "spec.json"), "--output", str(tmp_path / "a")]) == 0
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    mtime = (entries[0] / "train.bin").stat().st_mtime_ns
+    assert train_command(tmp_path / "spec.json", tmp_path / "b", cache_dir=cache) == 0
+    assert [p for p in cache.iterdir() if p.is_dir()] == entries
+    assert (entries[0] / "train.bin").stat().st_mtime_ns == mtime
+    assert not any(p.suffix == ".bin" for p in (tmp_path / "b").iterdir())
+    assert main(["train", str(tmp_path / "spec.json"), "--output", str(tmp_path / "c"),
+                 "--cache-dir", str(tmp_path / "other"), ]) == 0
+    assert len(list((tmp_path / "other").iterdir())) == 2  # the entry and its lock file
+    assert main(["train", str(tmp_path / "spec.json"), "--output", str(tmp_path / "d"),
+                 "--no-cache"]) == 0
+    assert [p for p in cache.iterdir() if p.is_dir()] == entries

@@ -2,7 +2,8 @@
 
 The loss is ``sum of per-token cross-entropies / number of predicted tokens`` (nats/token),
 accumulated on the device and read once; never a mean of batch means. Every token of the split
-except the first is predicted exactly once (see :func:`worker.engine.data.eval_streams`).
+except the first is predicted exactly once (see :func:`worker.engine.data.eval_streams`, whose
+windows :func:`worker.engine.data.eval_windows` builds one at a time).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.engine.data import eval_streams
+from worker.engine.data import eval_windows
 from worker.engine.model import LSTMLanguageModel
 
 LN2 = math.log(2.0)
@@ -43,26 +44,27 @@ class EvalResult:
 def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_len: int,
              device: torch.device, char_level: bool = False,
              autocast_dtype: torch.dtype | None = None) -> EvalResult:
-    """Evaluate ``model`` on the token stream ``ids`` (N,) int64, N >= 2.
+    """Evaluate ``model`` on the token stream ``ids`` (N,), N >= 2: ``int64``, or a token
+    file's ``int16``/``int32`` view (:func:`worker.engine.data.token_tensor`), on the CPU.
 
     The split is cut into ``batch_size`` streams (each from a zero hidden state) read in
-    windows of ``seq_len`` with the hidden state carried. ``bpc = loss / ln 2`` when
+    windows of ``seq_len`` with the hidden state carried (:func:`eval_windows`: each window is
+    widened to ``int64`` when it is read, so a split is never copied whole as ``int64``; on
+    CUDA the split is moved to the device once in its own dtype). ``bpc = loss / ln 2`` when
     ``char_level`` (one token per character), else None. Leaves the model in train mode.
     """
     was_training = model.training
     model.eval()
-    x_all, y_all = eval_streams(ids, batch_size)
-    x_all = x_all.to(device, non_blocking=True)
-    y_all = y_all.to(device, non_blocking=True)
+    if device.type != "cpu":
+        ids = ids.to(device)
     vocab = model.config.vocab_size
     k = min(5, vocab)
     total = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     hidden = None
-    for pos in range(0, x_all.size(1), seq_len):
-        x = x_all[:, pos : pos + seq_len]
-        y = y_all[:, pos : pos + seq_len].reshape(-1)
+    for x, y_window in eval_windows(ids, batch_size, seq_len):
+        y = y_window.reshape(-1)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
             logits, hidden = model(x, hidden)
@@ -73,7 +75,7 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
         hit = best == y.unsqueeze(1)
         top1 += (hit[:, 0] & mask).sum()
         top5 += (hit.any(dim=1) & mask).sum()
-    n = int((y_all != -100).sum())
+    n = ids.numel() - 1  # every token but the first is predicted once
     loss = float(total) / n
     model.train(was_training)
     return EvalResult(

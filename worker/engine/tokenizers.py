@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from core.spec import TokenizerSpec
@@ -87,7 +88,14 @@ class WordTokenizer:
 
     @classmethod
     def train(cls, text: str, max_vocab: int | None, min_freq: int) -> WordTokenizer:
-        counts = Counter(w for line in text.splitlines() for w in line.split())
+        return cls.from_counts(Counter(w for line in text.splitlines() for w in line.split()),
+                               max_vocab, min_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], max_vocab: int | None,
+                    min_freq: int) -> WordTokenizer:
+        """The vocabulary :meth:`train` keeps from the training text's word counts (which
+        this pops ``<unk>`` and ``<eos>`` from)."""
         counts.pop(UNK, None)  # PTB/WikiText already write <unk>: it is our id 0
         counts.pop(EOS, None)
         words = sorted((w for w, n in counts.items() if n >= min_freq),
@@ -138,6 +146,15 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        lines = text.splitlines(keepends=True)
+        return cls.train_from_batches((lines[i : i + 1000] for i in range(0, len(lines), 1000)),
+                                      vocab_size)
+
+    @classmethod
+    def train_from_batches(cls, batches: Iterable[list[str]], vocab_size: int) -> BPETokenizer:
+        """Train on the training split's lines (``splitlines(keepends=True)``, each a
+        sequence), given in batches. The trainer counts pre-tokens, so the result depends on
+        the lines only, not on how they are batched."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -149,9 +166,7 @@ class BPETokenizer:
             show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        lines = text.splitlines(keepends=True)
-        hf.train_from_iterator((lines[i : i + 1000] for i in range(0, len(lines), 1000)),
-                               trainer=trainer, length=len(lines))
+        hf.train_from_iterator(batches, trainer=trainer)
         return cls(hf)
 
     @property

@@ -14,20 +14,22 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from core.contract import CorpusTexts, StopReason, TrainingError, TrainingHooks, TrainingResult
+from core.sources import CorpusSources
 from core.spec import JobSpec, OptimizerSpec
-from core.splits import split_texts
 from worker.engine.checkpoint import LoadedCheckpoint, load_checkpoint
-from worker.engine.data import Corpus, TrainBatches, batchify, encode_splits
+from worker.engine.data import Corpus, TrainBatches, batchify, corpus_from_prepared
 from worker.engine.embeddings import load_pretrained
 from worker.engine.evaluate import EvalResult, evaluate, perplexity
 from worker.engine.loop import LoopState, TrainLoop
 from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model
 from worker.engine.schedule import EarlyStopping, LRSchedule
-from worker.engine.tokenizers import Tokenizer, build_tokenizer
+from worker.engine.tokencache import PreparedCorpus, prepare_corpus
+from worker.engine.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +81,67 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
     """Train the model ``spec`` describes on ``texts``, reporting through ``hooks``.
 
     ``resume_from``: the bytes of a ``last`` or ``periodic`` checkpoint of the same spec and
-    texts. ``device`` overrides ``spec.training.device``. Raises :class:`TrainingError`
-    (``corpus_too_small``, ``non_finite_loss``, ``invalid_checkpoint``,
-    ``device_unavailable``, ``invalid_spec``).
+    texts. ``device`` overrides ``spec.training.device``. The texts are tokenised in memory
+    (no cache; :func:`train_sources` streams sources through the token cache). Raises
+    :class:`TrainingError` (``corpus_too_small``, ``non_finite_loss``,
+    ``invalid_checkpoint``, ``device_unavailable``, ``invalid_spec``).
     """
-    t = spec.training
-    # -- device, threads, seed ------------------------------------------------------------
-    dev = resolve_device(device or t.device)
-    if t.num_threads is not None:
-        torch.set_num_threads(t.num_threads)
+    sources = CorpusSources.from_texts(texts.train, texts.validation, texts.test)
+    return train_sources(spec, sources, hooks, resume_from, device, embeddings=texts.embeddings)
+
+
+def train_sources(spec: JobSpec, sources: CorpusSources, hooks: TrainingHooks,
+                  resume_from: bytes | None = None, device: str | None = None,
+                  cache_dir: Path | None = None,
+                  embeddings: str | None = None) -> TrainingResult:
+    """:func:`train` on texts read as streams: each split is tokenised once into token files
+    under ``cache_dir`` (:func:`worker.engine.tokencache.prepare_corpus`; in memory when
+    None), reused by later jobs on the same data, and trained on memory-mapped.
+    ``embeddings``: GloVe-format text when the spec asks for pretrained embeddings. Raises
+    what :func:`train` raises, and ``dataset_error`` for a source that cannot be read."""
+    dev = resolve_device(device or spec.training.device)
+    if spec.training.num_threads is not None:
+        torch.set_num_threads(spec.training.num_threads)
     ckpt = _resumable(resume_from)
+    prepared = prepare_corpus(spec, sources, cache_dir,
+                              tokenizer=None if ckpt is None else ckpt.tokenizer)
+    return _train(spec, prepared, hooks, ckpt, dev, embeddings)
+
+
+def train_prepared(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
+                   resume_from: bytes | None = None, device: str | None = None,
+                   embeddings: str | None = None) -> TrainingResult:
+    """:func:`train` on splits already prepared (:func:`worker.engine.tokencache.prepare_corpus`).
+    A checkpoint to resume from must carry the prepared corpus's tokenizer
+    (``invalid_checkpoint`` otherwise)."""
+    dev = resolve_device(device or spec.training.device)
+    if spec.training.num_threads is not None:
+        torch.set_num_threads(spec.training.num_threads)
+    ckpt = _resumable(resume_from)
+    if ckpt is not None and ckpt.tokenizer.to_json() != prepared.tokenizer.to_json():
+        raise TrainingError("invalid_checkpoint", "the checkpoint's tokenizer is not the one "
+                            "the corpus was prepared with")
+    return _train(spec, prepared, hooks, ckpt, dev, embeddings)
+
+
+def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
+           ckpt: LoadedCheckpoint | None, dev: torch.device,
+           embeddings: str | None) -> TrainingResult:
+    t = spec.training
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # also seeds every CUDA device
 
-    # -- data ------------------------------------------------------------------------------
-    parts = split_texts(spec, texts)
-    tok = ckpt.tokenizer if ckpt is not None else build_tokenizer(spec.tokenizer, parts.train)
-    corpus = encode_splits(spec, parts, tok)
+    # -- data: views of the token files, widened to int64 a window at a time ----------------
+    tok = prepared.tokenizer
+    corpus = corpus_from_prepared(spec, prepared)
     batches = _train_batches(corpus, t.batch_size, t.seq_len, dev)
-    log.info("data: %d train / %d val / %s test tokens, vocab %d, %d batches per epoch",
+    log.info("data: %d train / %d val / %s test tokens (%s), vocab %d, %d batches per epoch",
              corpus.train.numel(), corpus.validation.numel(),
-             None if corpus.test is None else corpus.test.numel(), tok.vocab_size,
-             batches.batches_per_epoch)
+             None if corpus.test is None else corpus.test.numel(), prepared.meta.get("dtype"),
+             tok.vocab_size, batches.batches_per_epoch)
 
     # -- model -----------------------------------------------------------------------------
-    model, coverage = _build_model(spec, tok, texts, ckpt)
+    model, coverage = _build_model(spec, tok, embeddings, ckpt)
     model.to(dev)
 
     # -- optimizer, schedule and the loop's state --------------------------------------------
@@ -146,13 +184,15 @@ def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
 
 def _train_batches(corpus: Corpus, batch_size: int, seq_len: int,
                    dev: torch.device) -> TrainBatches:
+    """The training split as (batch, n) streams: on the CPU a view of the token file; on an
+    accelerator copied there once, in the token file's dtype (2 or 4 bytes per token)."""
     train_data = batchify(corpus.train, batch_size)  # (batch, n)
-    if dev.type == "cuda":
-        train_data = train_data.pin_memory()
-    return TrainBatches(train_data.to(dev, non_blocking=True), seq_len)
+    if dev.type != "cpu":
+        train_data = train_data.to(dev)
+    return TrainBatches(train_data, seq_len)
 
 
-def _build_model(spec: JobSpec, tok: Tokenizer, texts: CorpusTexts,
+def _build_model(spec: JobSpec, tok: Tokenizer, embeddings: str | None,
                  ckpt: LoadedCheckpoint | None) -> tuple[LSTMLanguageModel, float | None]:
     """The model, initialised on the CPU from the seed (the same on every device), with
     pretrained embeddings or the checkpoint's weights. Returns it and the share of the
@@ -163,10 +203,10 @@ def _build_model(spec: JobSpec, tok: Tokenizer, texts: CorpusTexts,
     model = build_model(config)
     coverage = None
     if m.pretrained_embeddings is not None:
-        if texts.embeddings is None:
+        if embeddings is None:
             raise TrainingError("invalid_spec", "model.pretrained_embeddings is set but no "
                                 "embeddings text was supplied")
-        coverage = load_pretrained(model, tok, texts.embeddings, m.pretrained_embeddings.freeze)
+        coverage = load_pretrained(model, tok, embeddings, m.pretrained_embeddings.freeze)
     if ckpt is not None:
         if ckpt.model_config != config:
             raise TrainingError("invalid_checkpoint",
