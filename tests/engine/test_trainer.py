@@ -11,6 +11,7 @@ from safetensors.torch import load
 
 from core.contract import CorpusTexts, TrainingError
 from worker.engine import loop as loop_module
+from worker.engine.checkpoint import read_metadata
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.sample import sample
 from worker.engine.trainer import train
@@ -226,3 +227,24 @@ def test_resume_from_a_checkpoint_at_the_end_of_the_budget_trains_no_more(
     res = train(spec, CorpusTexts(train=small_text), again, resume_from=first.last("last").data)
     assert (done.steps, res.steps, res.stop_reason) == (6, 6, "max_steps")
     assert again.rows == []
+
+
+def test_checkpoint_header_is_strict_json_before_any_validation(small_text: str) -> None:
+    # A periodic checkpoint before the first evaluation: no best loss yet (infinite in memory).
+    spec = make_spec(max_steps=4, eval_interval=100, checkpoint_interval=2,
+                     schedule={"kind": "plateau"}, early_stopping={"patience": 2})
+    hooks = RecordingHooks()
+    train(spec, CorpusTexts(train=small_text), hooks)
+    blob = [c for c in hooks.checkpoints if c.kind == "periodic"][0].data
+    state = json.loads(read_metadata(blob)["trainer_state"], parse_constant=_refuse)
+    assert state["best_val_loss"] is None
+    assert state["schedule"]["plateau_best"] is None
+    assert state["early_stopping"]["best"] is None
+    resumed = RecordingHooks()
+    train(spec, CorpusTexts(train=small_text), resumed, resume_from=blob)
+    assert [r.step for r in resumed.rows] == [3, 4]
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"non-standard JSON constant {name}")
+

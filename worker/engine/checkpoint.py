@@ -111,7 +111,7 @@ def save_checkpoint(kind: str, spec: JobSpec, model: LSTMLanguageModel, tokenize
         "spec": spec.model_dump_json(),
         "model_config": json.dumps(model.config.as_dict()),
         "tokenizer": tokenizer.to_json(),
-        "trainer_state": json.dumps(state),
+        "trainer_state": json.dumps(state, allow_nan=False),  # strict JSON: no Infinity/NaN
     }
     return bytes(st_save(tensors, metadata=metadata))
 

@@ -47,8 +47,9 @@ def _detach(hidden: Hidden | None) -> Hidden | None:
 class LoopState:
     """A run's progress: the step, the best and latest validation losses, the schedule and
     early-stopping counters, the carried LSTM hidden state, the best weights (kept when a test
-    split is evaluated at the end), the last training losses and the seconds already run. Saved and restored as a whole;
-    the CPU/CUDA generator states travel with it in the checkpoint."""
+    split is evaluated at the end), the last training losses and the seconds already run.
+    Saved and restored as a whole; the CPU/CUDA generator states travel with it in the
+    checkpoint. Its JSON part is strict JSON: "no value yet" (an infinite best) is null."""
 
     schedule: LRSchedule
     stopper: EarlyStopping
@@ -69,7 +70,7 @@ class LoopState:
             "step": self.step,
             "epoch": batches.epoch_of(self.step),
             "tokens_seen": self.step * batches.tokens_per_batch,
-            "best_val_loss": self.best_val_loss,
+            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "best_step": self.best_step,
             "final_val_loss": self.final_val_loss,
             "runtime_s": runtime_s,
@@ -83,7 +84,8 @@ class LoopState:
         including the generator states, so the run continues exactly."""
         ts = ckpt.trainer_state
         self.step = int(ts["step"])
-        self.best_val_loss = float(ts["best_val_loss"])
+        best = ts["best_val_loss"]  # null (or Infinity, before strict JSON): none yet
+        self.best_val_loss = math.inf if best is None else float(best)
         self.best_step = ts["best_step"]
         self.final_val_loss = ts["final_val_loss"]
         self.runtime_before = float(ts["runtime_s"])

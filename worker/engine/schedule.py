@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from core.spec import EarlyStoppingSpec, ScheduleSpec
 
 
+def _finite_or_none(x: float) -> float | None:
+    """Checkpoint state is strict JSON: an infinite "best so far" (none yet) is saved as null."""
+    return None if math.isinf(x) else x
+
+
+def _inf_if_none(x: float | int | None) -> float:
+    return math.inf if x is None else float(x)
+
+
 @dataclass
 class LRSchedule:
     """``lr_at(step)`` for the 1-based optimizer step; ``total_steps`` is the budget N in steps
@@ -67,14 +76,14 @@ class LRSchedule:
             self.scale *= self.spec.factor
             self.plateau_bad = 0
 
-    def state(self) -> dict[str, float | int]:
-        return {"scale": self.scale, "plateau_best": self.plateau_best,
+    def state(self) -> dict[str, float | int | None]:
+        return {"scale": self.scale, "plateau_best": _finite_or_none(self.plateau_best),
                 "plateau_bad": self.plateau_bad}
 
-    def load(self, state: dict[str, float | int]) -> None:
-        self.scale = float(state["scale"])
-        self.plateau_best = float(state["plateau_best"])
-        self.plateau_bad = int(state["plateau_bad"])
+    def load(self, state: dict[str, float | int | None]) -> None:
+        self.scale = float(state["scale"] or 1.0)
+        self.plateau_best = _inf_if_none(state["plateau_best"])
+        self.plateau_bad = int(state["plateau_bad"] or 0)
 
 
 @dataclass
@@ -96,9 +105,9 @@ class EarlyStopping:
             self.bad += 1
         return self.bad >= self.spec.patience
 
-    def state(self) -> dict[str, float | int]:
-        return {"best": self.best, "bad": self.bad}
+    def state(self) -> dict[str, float | int | None]:
+        return {"best": _finite_or_none(self.best), "bad": self.bad}
 
-    def load(self, state: dict[str, float | int]) -> None:
-        self.best, self.bad = float(state["best"]), int(state["bad"])
+    def load(self, state: dict[str, float | int | None]) -> None:
+        self.best, self.bad = _inf_if_none(state["best"]), int(state["bad"] or 0)
 
