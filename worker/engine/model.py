@@ -12,7 +12,13 @@ reaches the LSTM about 20 times weaker than its recurrent signal, and a characte
 learned on a carried hidden state never recovered from the zero state that evaluation and
 sampling start from (validation 2.07 nats against 0.73 with the layer defaults on the same run;
 docs/benchmarks.md, "Robust defaults"). A tied matrix serves as both embedding and decoder, so
-it takes the decoder's scale, U(-1/sqrt(d), 1/sqrt(d)).
+it takes the decoder's scale, U(-1/sqrt(d), 1/sqrt(d)). With that default the decoder bias
+then starts at the log unigram distribution of the training split
+(:meth:`LSTMLanguageModel.init_output_bias`), so the first step already predicts as well as
+token frequencies do instead of uniformly over the vocabulary: "initialise the final layer's
+bias to the log class priors" (Karpathy, "A Recipe for Training Neural Networks", 2019). On
+WikiText-2 at the word_language_model example's budget this is the difference between a
+validation perplexity of 625 and 337 after the first 155 steps (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -82,6 +88,14 @@ class LSTMLanguageModel(nn.Module):
             self.encoder.reset_parameters()  # N(0, 1)
             self.decoder.reset_parameters()  # U(+-1/sqrt(hidden_dim)), weight and bias
 
+    @torch.no_grad()
+    def init_output_bias(self, counts: torch.Tensor) -> None:
+        """Set the decoder bias to the log of the add-one smoothed unigram distribution given
+        by ``counts`` ((vocab,) token counts of the training split), centred to mean zero
+        (the softmax ignores a constant)."""
+        logp = (counts.double() + 1.0).log() - math.log(float(counts.sum()) + counts.numel())
+        self.decoder.bias.copy_((logp - logp.mean()).to(self.decoder.bias.dtype))
+
     def forward(self, x: torch.Tensor, hidden: Hidden | None = None
                 ) -> tuple[torch.Tensor, Hidden]:
         """x: (batch, seq) int64 token ids -> logits (batch, seq, vocab), new hidden state
@@ -103,3 +117,13 @@ def build_model(config: ModelConfig) -> LSTMLanguageModel:
     return LSTMLanguageModel(config.vocab_size, config.embed_dim, config.hidden_dim,
                              config.num_layers, config.dropout, config.tie_weights,
                              config.init_range)
+
+
+def unigram_counts(ids: torch.Tensor, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """Token counts (vocab_size,) int64 of ``ids`` (N,) (any integer dtype, e.g. a memory-mapped
+    uint16 split), counted ``chunk`` tokens at a time so that no int64 copy of the whole split
+    is made."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, ids.numel(), chunk):
+        counts += torch.bincount(ids[start:start + chunk].long(), minlength=vocab_size)
+    return counts
