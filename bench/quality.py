@@ -4,14 +4,16 @@
 ``shakespeare``: tinyshakespeare char-level, first 90% train / last 10% validation, LSTM 2x256
 (embedding 128), dropout 0.2; goal: best validation loss <= 1.50 nats/char.
 
-``wikitext``: WikiText-2 word-level, trained on valid.txt (first 90% train, last 10%
-validation), tested on test.txt with the best weights; the same budget is run by the bare loop
-bench/ref_word_loop.py and both test perplexities are reported. WikiText-2 is not shipped in
+``wikitext``: WikiText-2 word-level, trained on valid.txt, validated on the first 2,000 lines
+of test.txt and tested on the rest with the best weights, at the budget of PyTorch's
+word_language_model defaults (2x200, batch 20, bptt 35, 3 epochs): the engine with its
+defaults (untied and tied), and that example's recipe (bench/ref_word_loop.py) untied and
+tied on the same vocabulary, in the same run. WikiText-2 is not shipped in
 ``data/`` (its terms do not allow it): it is read from ``$LMFORGE_CORPORA_DIR/wikitext-2/``,
 and the benchmark exits with a message when it is not there.
 
     nice .venv/bin/python bench/quality.py shakespeare --json bench/results/shakespeare.json
-    nice .venv/bin/python bench/quality.py wikitext --steps 1200 --json bench/results/wikitext.json
+    nice .venv/bin/python bench/quality.py wikitext --json bench/results/wikitext.json
 """
 
 from __future__ import annotations
@@ -74,30 +76,48 @@ def shakespeare(a: argparse.Namespace) -> dict:
             "goal_val_loss": 1.50, "met": (res.best_val_loss or 9) <= 1.50}
 
 
+def wikitext_spec(train_file: Path, val_file: Path, test_file: Path, **model: object) -> JobSpec:
+    """The budget of PyTorch's examples/word_language_model defaults (LSTM 2x200, embedding
+    200, dropout 0.2, batch 20, bptt 35) for 3 epochs; everything else the engine's defaults."""
+    return JobSpec.model_validate({
+        "dataset": {"path": str(train_file)}, "validation": {"path": str(val_file)},
+        "test": {"path": str(test_file)},
+        "tokenizer": {"kind": "word"},
+        "model": {"embed_dim": 200, "hidden_dim": 200, "num_layers": 2, "dropout": 0.2,
+                  **model},
+        "training": {"batch_size": 20, "seq_len": 35, "max_epochs": 3, "max_steps": 100_000},
+    })
+
+
 def wikitext(a: argparse.Namespace) -> dict:
+    """Train on valid.txt, validate on the first 2,000 lines of test.txt, test on the rest;
+    the engine with its defaults, then the example's recipe (bench/ref_word_loop.py, SGD lr
+    20, /4 annealing, clip 0.25) untied and tied, on the same vocabulary, in the same run."""
     train_file = corpus_or_exit("wikitext-2/valid.txt")
     test_file = corpus_or_exit("wikitext-2/test.txt")
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(train_file)}, "test": {"path": str(test_file)},
-        "tokenizer": {"kind": "word"},
-        "model": {"embed_dim": 200, "hidden_dim": 200, "num_layers": 2, "dropout": 0.2},
-        "optimizer": {"name": "adam", "lr": 2e-3},
-        "training": {"batch_size": 20, "seq_len": 35, "max_steps": a.steps,
-                     "eval_interval": 200, "grad_clip": 0.25, "num_threads": a.threads,
-                     "log_interval": 50},
-        "val_fraction": 0.1,
-    })
-    t0 = time.perf_counter()
-    res = train(spec, CorpusTexts(train=train_file.read_text(encoding="utf-8"),
-                                  test=test_file.read_text(encoding="utf-8")), PrintHooks())
-    engine_wall = time.perf_counter() - t0
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ref_word_loop.py"), str(train_file),
-         str(test_file), "--steps", str(a.steps), "--eval-every", "200",
-         "--threads", str(a.threads)], capture_output=True, text=True, check=True)
-    ref = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"engine": {**res.as_dict(), "wall_s": engine_wall}, "ref": ref,
-            "test_ppl_engine": res.test_ppl, "test_ppl_ref": ref["test_ppl"]}
+    lines = test_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    texts = CorpusTexts(train=train_file.read_text(encoding="utf-8"),
+                        validation="".join(lines[:2000]), test="".join(lines[2000:]))
+    out: dict = {}
+    for name, model in (("engine", {}), ("engine_tied", {"tie_weights": True})):
+        if name not in a.runs:
+            continue
+        spec = wikitext_spec(train_file, test_file, test_file, **model)
+        spec.training.num_threads = a.threads
+        t0 = time.perf_counter()
+        res = train(spec, texts, PrintHooks())
+        out[name] = {"spec": spec.model_dump(mode="json"), **res.as_dict(),
+                     "wall_s": time.perf_counter() - t0}
+    for name, extra in (("example", []), ("example_tied", ["--tied"])):
+        if name not in a.runs:
+            continue
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "ref_word_loop.py"), str(train_file),
+             str(test_file), "--recipe", "example", "--val-lines", "2000", "--epochs", "3",
+             "--threads", str(a.threads), *extra], capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["test_ppl"] = {k: v.get("test_ppl") for k, v in out.items() if isinstance(v, dict)}
+    return out
 
 
 def main() -> None:
@@ -108,13 +128,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-runtime-s", type=float, default=1500.0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--runs", default="engine,engine_tied,example,example_tied",
+                   type=lambda v: v.split(","), help="wikitext: which runs (comma-separated)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     if a.which == "shakespeare":
         a.steps = a.steps or 5000
         summary = shakespeare(a)
     else:
-        a.steps = a.steps or 1200
         summary = wikitext(a)
     print(json.dumps(summary, indent=2, default=str))
     if a.json is not None:
