@@ -14,9 +14,12 @@ only. Then, for each tokenizer kind:
   corpus file into an empty token cache (``worker.engine.tokencache.prepare_corpus``, the path
   ``worker.runner`` takes) and trains a tiny model on the memory-mapped token files
   (embed 32, hidden 64, one LSTM layer, 20 Adam steps of 128 x 64 tokens on one thread, then
-  the validation split (the last 10%) and the fresh-state check; ``bpe`` 2000 entries,
-  ``word`` at most 2000); it reports its peak RSS (``VmHWM`` of ``/proc/self/status``),
-  its RSS after the imports, after preparing and after training, and the preparation's passes.
+  the validation split (``val_fraction`` 0.01: the last 1%, so that evaluating 1 GB of BPE
+  tokens does not take half an hour on 2 CPUs) and the fresh-state check; ``bpe`` 2000
+  entries, ``word`` at most 2000); it reports its peak RSS (``VmHWM`` of
+  ``/proc/self/status``), the peaks of its anonymous and file-backed parts (sampled every
+  10 ms), its RSS after the imports, after preparing and after training, and the
+  preparation's passes.
   **warm**: the same child again on the filled cache (reuse: the ``.bin`` files' sha256 check,
   no tokenising).
 - **old** (up to ``--old-max-mb``): the same child running the engine of ``--old-ref`` (the
@@ -24,8 +27,9 @@ only. Then, for each tokenizer kind:
   the whole file read into one string, as the old runner did, then ``train(spec, texts)``.
 - **library alone**, in this process, on the same text read in the same ~1 MiB chunks of whole
   lines: ``char``: today's ``CharTokenizer.encode`` (a Python pass) and a numpy lookup-table
-  pass; ``word``: ``WordTokenizer.encode``; ``bpe``: Hugging Face ``tokenizers``
-  ``encode_batch`` (with the trained tokenizer) and ``train_from_iterator`` on the first 90%
+  pass; ``word``: ``WordTokenizer.encode`` and its training count (a ``Counter`` of the words
+  of the first 99%, the training split); ``bpe``: Hugging Face ``tokenizers``
+  ``encode_batch`` (with the trained tokenizer) and ``train_from_iterator`` on the first 99%
   of the lines (the training split).
 
 Throughputs are corpus MB (10^6 bytes of UTF-8) per second. Results: JSON (``--out``).
@@ -41,7 +45,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,22 @@ def _status_kb() -> dict[str, int]:
     return out
 
 
+class _PeakSampler(threading.Thread):
+    """Samples ``/proc/self/status`` every 10 ms: the peaks of anonymous and file-backed RSS
+    (``VmHWM`` has only their sum's)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.01):
+            now = _status_kb()
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], now[k])
+
+
 class _NullHooks:
     def on_metrics(self, rows: Any) -> None:
         pass
@@ -77,6 +99,8 @@ class _NullHooks:
 def child(args: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh interpreter: prepare (new) or read the whole text (old), train, report."""
     rss: dict[str, Any] = {"start": _status_kb()}
+    sampler = _PeakSampler()
+    sampler.start()
     t_start = time.perf_counter()
     import torch
 
@@ -90,6 +114,7 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
         "model": {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1},
         "training": {"batch_size": 128, "seq_len": 64, "max_steps": 20, "eval_interval": 1000,
                      "log_interval": 10, "num_threads": 1, "device": "cpu"},
+        "val_fraction": 0.01,
     })
     out: dict[str, Any] = {"engine": trainer.__file__, "torch": torch.__version__}
     t0 = time.perf_counter()
@@ -115,6 +140,10 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
         result = trainer.train_prepared(spec, prepared, _NullHooks())
         out["train_s"] = time.perf_counter() - t1
     rss["trained"] = _status_kb()
+    sampler.done.set()
+    sampler.join()
+    out.update(peak_anon_mb=sampler.peak["RssAnon"] / 1024,
+               peak_file_mb=sampler.peak["RssFile"] / 1024)
     out.update(total_s=time.perf_counter() - t_start, run_s=time.perf_counter() - t0, rss_kb=rss,
                peak_rss_mb=rss["trained"]["VmHWM"] / 1024, num_params=result.num_params,
                vocab_size=result.vocab_size, steps=result.steps,
@@ -203,12 +232,17 @@ def library_alone(kind: str, path: Path, tokenizer_json: str, n_chars: int) -> d
         for lines in _line_chunks(path):
             tok.encode("".join(lines))
         out["python_encode_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        counts: Counter[str] = Counter()
+        for lines in _line_chunks(path, int(n_chars * 0.99)):
+            counts.update("".join(lines).split())
+        out["python_count_s"] = time.perf_counter() - t0
     else:
         for lines in _line_chunks(path):
             tok.hf.encode_batch(lines, add_special_tokens=False)
         out["hf_encode_batch_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        BPETokenizer.train_from_batches(_line_chunks(path, int(n_chars * 0.9)),
+        BPETokenizer.train_from_batches(_line_chunks(path, int(n_chars * 0.99)),
                                         tok.vocab_size)
         out["hf_train_s"] = time.perf_counter() - t0
     return out
@@ -259,7 +293,8 @@ def bench_size(size_mb: int, kinds: list[str], old_max_mb: int, work: Path,
 def _brief(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"ERROR {r['error'][-500:]}"
-    return (f"peak {r['peak_rss_mb']:.0f} MB, prepare {r.get('prepare_s', float('nan')):.1f} s"
+    return (f"peak {r['peak_rss_mb']:.0f} MB (anon {r['peak_anon_mb']:.0f}, file "
+            f"{r['peak_file_mb']:.0f}), prepare {r.get('prepare_s', float('nan')):.1f} s"
             f", run {r['run_s']:.1f} s, tokens {r.get('token_bytes', 0) / MB:.1f} MB")
 
 
@@ -279,12 +314,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lmforge-prepare-bench-") as tmp:
         work = Path(tmp)
         old_tree = extract_old(a.old_ref, work / "old") if a.old_max_mb > 0 else None
-        rows = [bench_size(s, a.kinds, a.old_max_mb, work, old_tree) for s in a.sizes_mb]
-    out = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count(), "processor": _cpu_model()},
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "old_ref": a.old_ref, "rows": rows}
-    Path(a.out).write_text(json.dumps(out, indent=1), encoding="utf-8")
+        out = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                           "cpus": os.cpu_count(), "processor": _cpu_model()},
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "old_ref": a.old_ref, "rows": []}
+        for size in a.sizes_mb:  # written after each size: a long run keeps what it measured
+            out["rows"].append(bench_size(size, a.kinds, a.old_max_mb, work, old_tree))
+            Path(a.out).write_text(json.dumps(out, indent=1), encoding="utf-8")
     print(f"wrote {a.out}")
     return 0
 

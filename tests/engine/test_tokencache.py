@@ -421,3 +421,16 @@ def test_the_training_split_is_a_view_of_the_token_file(small_text: str, tmp_pat
     assert data.dtype == torch.int16 and data.data_ptr() == base.ctypes.data
     assert isinstance(base, np.memmap) and prepared.path is not None
     assert os.path.samefile(str(base.filename), prepared.path / "train.bin")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_training_splits_id_counts_come_with_the_prepared_corpus(
+    cached: bool, real_text: str, tmp_path: Path,
+) -> None:
+    prepared = prepare_corpus(spec_for("bpe"), CorpusSources(byte_source(real_text)),
+                              tmp_path if cached else None)
+    train = prepared.splits["train"]
+    expected = np.bincount(train, minlength=prepared.tokenizer.vocab_size)
+    assert prepared.train_counts().tolist() == expected.tolist()
+    prepared.meta.pop("train_counts")  # an entry without them: counted from the split
+    assert prepared.train_counts().tolist() == expected.tolist()

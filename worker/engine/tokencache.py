@@ -21,7 +21,8 @@ The token sequences equal ``tokenizer.encode(split_text)`` of the whole split, f
 Cache layout, under ``cache_dir`` (the service: ``$LMFORGE_HOME/cache/tokens``; ``lmforge
 train``: ``~/.cache/lmforge/tokens``)::
 
-    <key>/meta.json        format, key, tokenizer JSON, dtype, per split: file, tokens, sha256
+    <key>/meta.json        format, key, tokenizer JSON, dtype, per split: file, tokens, sha256;
+                           the training split's count of each id (the output bias's prior)
     <key>/train.bin        (N,) uint16|uint32
     <key>/validation.bin
     <key>/test.bin         when the job has a test split
@@ -117,6 +118,16 @@ class PreparedCorpus:
     def nbytes(self) -> int:
         """Bytes of token ids over all splits (the size of the ``.bin`` files)."""
         return sum(int(a.nbytes) for a in self.splits.values())
+
+    def train_counts(self) -> np.ndarray:
+        """(vocab_size,) int64: how often each id occurs in the training split, counted while
+        it was encoded (``meta["train_counts"]``), so that nothing reads the whole split
+        again; counted from the split ``_COUNT_CHUNK`` tokens at a time for an entry
+        without them."""
+        counts = self.meta.get("train_counts")
+        if counts is not None:
+            return np.asarray(counts, dtype=np.int64)
+        return _bincount(self.splits["train"], self.tokenizer.vocab_size)
 
 
 # -- the plan: which characters of which source make each split ----------------------------------
@@ -253,6 +264,33 @@ class _FileSink:
                 "bytes": self._n * self.dtype.itemsize, "sha256": self._sha.hexdigest()}
 
 
+_COUNT_CHUNK = 1 << 24
+
+
+def _bincount(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, ids.size, _COUNT_CHUNK):
+        counts += np.bincount(ids[start : start + _COUNT_CHUNK], minlength=vocab_size)
+    return counts
+
+
+class _Counting:
+    """A sink that also counts each id it passes on (the training split's unigram counts,
+    ``meta["train_counts"]``, which the model's output bias starts from)."""
+
+    def __init__(self, sink: _Sink, vocab_size: int) -> None:
+        self._sink = sink
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+
+    def write(self, ids: np.ndarray) -> None:
+        if ids.size:
+            self.counts += np.bincount(ids, minlength=self.counts.size)
+        self._sink.write(ids)
+
+    def close(self) -> dict[str, Any]:
+        return {**self._sink.close(), "counts": self.counts.tolist()}
+
+
 def _encode_splits(segs: list[Segment], tok: Tokenizer, dtype: np.dtype[Any],
                    sink_for: Any) -> dict[str, dict[str, Any]]:
     """Encode every segment into ``sink_for(split)``, one read per source; returns each
@@ -266,6 +304,8 @@ def _encode_splits(segs: list[Segment], tok: Tokenizer, dtype: np.dtype[Any],
             pos = 0
             while i < len(segs) and segs[i].source is source:
                 seg, enc, sink = segs[i], make_encoder(tok, dtype), sink_for(segs[i].split)
+                if seg.split == "train":
+                    sink = _Counting(sink, tok.vocab_size)
                 for piece in _pieces(reader, seg, pos):
                     sink.write(enc.feed(piece))
                 sink.write(enc.finish())
@@ -359,10 +399,11 @@ def _prepare(spec: JobSpec, sources: CorpusSources, tokenizer: Tokenizer | None,
     t2 = time.perf_counter()
     dtype = token_dtype(tok.vocab_size)
     info = _encode_splits(segs, tok, dtype, lambda split: sink_for(split, dtype))
+    train_counts = info["train"].pop("counts")
     t3 = time.perf_counter()
     chars = {s.split: None if s.end is None else s.end - s.start for s in segs}
     meta = {"format": FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "splits": info, "chars": chars,
+            "splits": info, "chars": chars, "train_counts": train_counts,
             "seconds": {"count": t1 - t0, "train_tokenizer": t2 - t1, "encode": t3 - t2}}
     return tok, meta
 
@@ -430,6 +471,10 @@ def _check_entry(entry: Path, key: str) -> str | None:
         if meta.get("format") != FORMAT or meta.get("key") != key:
             return "it was written for another format or key"
         tokenizer_from_json(meta["tokenizer"])
+        counts = meta.get("train_counts")
+        if counts is not None and (len(counts) != meta["vocab_size"]
+                                   or sum(counts) != meta["splits"]["train"]["tokens"]):
+            return f"{META}'s train_counts do not add up to the training split"
         itemsize = np.dtype(meta["dtype"]).itemsize
         for name, s in meta["splits"].items():
             path = entry / s["file"]

@@ -26,7 +26,7 @@ from worker.engine.data import Corpus, TrainBatches, batchify, corpus_from_prepa
 from worker.engine.embeddings import load_pretrained
 from worker.engine.evaluate import EvalResult, evaluate, perplexity
 from worker.engine.loop import LoopState, TrainLoop
-from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model, unigram_counts
+from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokencache import PreparedCorpus, prepare_corpus
 from worker.engine.tokenizers import Tokenizer
@@ -143,7 +143,7 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
     # -- model -----------------------------------------------------------------------------
     model, coverage = _build_model(spec, tok, embeddings, ckpt)
     if ckpt is None and spec.model.init_range is None:
-        model.init_output_bias(unigram_counts(corpus.train, tok.vocab_size))
+        model.init_output_bias(torch.from_numpy(prepared.train_counts()))
     model.to(dev)
 
     # -- optimizer, schedule and the loop's state --------------------------------------------
