@@ -434,3 +434,14 @@ def test_the_training_splits_id_counts_come_with_the_prepared_corpus(
     assert prepared.train_counts().tolist() == expected.tolist()
     prepared.meta.pop("train_counts")  # an entry without them: counted from the split
     assert prepared.train_counts().tolist() == expected.tolist()
+
+
+def test_a_cache_directory_that_cannot_be_used_falls_back_to_memory(
+    real_text: str, tmp_path: Path,
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    spec = spec_for("char")
+    prepared = prepare_corpus(spec, CorpusSources(byte_source(real_text)), not_a_dir)
+    assert prepared.path is None and not prepared.reused
+    assert as_lists(prepared) == encode_whole(spec, CorpusTexts(train=real_text))[1]

@@ -360,11 +360,21 @@ def prepare_corpus(spec: JobSpec, sources: CorpusSources, cache_dir: Path | None
     ``tokenizer``: use this one (a resumed checkpoint's) instead of training one; the entry
     of a trained tokenizer is reused when its tokenizer is the same. Without ``cache_dir``
     the ids are prepared in memory (still streamed: no whole-text strings or int lists).
-    Raises ``TrainingError("dataset_error")`` for a source that cannot be read, is not UTF-8
-    or does not match its sha256, ``OSError`` when the cache directory cannot be written.
+    A cache directory that cannot be used (not writable, disk full) is logged and the ids
+    are prepared in memory. Raises ``TrainingError("dataset_error")`` for a source that
+    cannot be read, is not UTF-8 or does not match its sha256.
     """
-    if cache_dir is None:
-        return _prepare_in_memory(spec, sources, tokenizer)
+    if cache_dir is not None:
+        try:
+            return _prepare_cached(spec, sources, cache_dir, tokenizer)
+        except OSError as exc:
+            log.warning("token cache %s cannot be used (%s); preparing in memory", cache_dir,
+                        exc)
+    return _prepare_in_memory(spec, sources, tokenizer)
+
+
+def _prepare_cached(spec: JobSpec, sources: CorpusSources, cache_dir: Path,
+                    tokenizer: Tokenizer | None) -> PreparedCorpus:
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if tokenizer is not None:
