@@ -160,23 +160,19 @@ class WordCounter:
         return WordTokenizer.from_counts(self.counts, max_vocab, min_freq)
 
 
-def bpe_units(pieces: Iterator[str], long_line: int | None = None,
-              batch: int = 1000) -> Iterator[list[str]]:
-    """The lines of a text (``splitlines(keepends=True)``, long ones cut by :func:`bpe_cut`)
-    in batches of about ``batch``: the sequences BPE trains on and encodes."""
+def bpe_units(pieces: Iterator[str], long_line: int | None = None) -> Iterator[list[str]]:
+    """The lines of a text (``splitlines(keepends=True)``, long ones cut by :func:`bpe_cut`),
+    one batch per piece: the sequences BPE trains on."""
     splitter = LineSplitter(bpe_cut, long_line)
-    out: list[str] = []
     for piece in pieces:
         lines, head = splitter.feed(piece)
-        out.extend(lines)
         if head:
-            out.append(head)
-        while len(out) >= batch:
-            yield out[:batch]
-            out = out[batch:]
-    out.extend(splitter.finish())
-    for i in range(0, len(out), batch):
-        yield out[i : i + batch]
+            lines.append(head)
+        if lines:
+            yield lines
+    last = splitter.finish()
+    if last:
+        yield last
 
 
 # -- encoding ------------------------------------------------------------------------------------
