@@ -2,7 +2,8 @@
 corpus size, next to the tokenizer library alone and to the old all-in-memory path.
 
     nice .venv/bin/python bench/prepare_memory.py [--sizes-mb 10 100 1000] \\
-        [--kinds char bpe word] [--old-max-mb 100] [--out bench/results/prepare_memory.json]
+        [--kinds char bpe word] [--old-max-mb 100] [--new-ref COMMIT] \\
+        [--out bench/results/prepare_memory.json]
 
 For each size, a synthetic corpus is written under a temporary directory this script creates
 (and removes by its own handle): tinyshakespeare's lines (``data/tinyshakespeare/input.txt``)
@@ -251,7 +252,7 @@ def library_alone(kind: str, path: Path, tokenizer_json: str, n_chars: int) -> d
 # -- the run --------------------------------------------------------------------------------------
 
 
-def extract_old(ref: str, dest: Path) -> Path:
+def extract_old(ref: str, dest: Path) -> Path:  # any ref: also --new-ref
     """The ``core`` and ``worker`` packages of ``ref`` under ``dest`` (git archive)."""
     dest.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "core", "worker"],
@@ -261,7 +262,7 @@ def extract_old(ref: str, dest: Path) -> Path:
 
 
 def bench_size(size_mb: int, kinds: list[str], old_max_mb: int, work: Path,
-               old_tree: Path | None) -> dict[str, Any]:
+               old_tree: Path | None, new_tree: Path) -> dict[str, Any]:
     corpus = work / f"corpus-{size_mb}mb.txt"
     t0 = time.perf_counter()
     n_bytes = write_corpus(corpus, size_mb * MB)
@@ -272,9 +273,9 @@ def bench_size(size_mb: int, kinds: list[str], old_max_mb: int, work: Path,
     print(f"{size_mb} MB: {n_bytes} bytes, {n_chars} chars", flush=True)
     for kind in kinds:
         cache = work / f"cache-{size_mb}-{kind}"
-        res: dict[str, Any] = {"new": run_child("new", kind, corpus, cache, REPO)}
+        res: dict[str, Any] = {"new": run_child("new", kind, corpus, cache, new_tree)}
         print(f"  {kind} new: {_brief(res['new'])}", flush=True)
-        res["warm"] = run_child("new", kind, corpus, cache, REPO)
+        res["warm"] = run_child("new", kind, corpus, cache, new_tree)
         print(f"  {kind} warm: {_brief(res['warm'])}", flush=True)
         if old_tree is not None and size_mb <= old_max_mb:
             res["old"] = run_child("old", kind, corpus, None, old_tree)
@@ -304,6 +305,8 @@ def main() -> int:
     p.add_argument("--kinds", nargs="+", default=["char", "bpe", "word"])
     p.add_argument("--old-max-mb", type=int, default=100)
     p.add_argument("--old-ref", default=OLD_REF)
+    p.add_argument("--new-ref", help="run the engine of this commit (git archive) rather than "
+                   "the working tree's, which others may be editing during a long run")
     p.add_argument("--out", default=str(REPO / "bench/results/prepare_memory.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -314,12 +317,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lmforge-prepare-bench-") as tmp:
         work = Path(tmp)
         old_tree = extract_old(a.old_ref, work / "old") if a.old_max_mb > 0 else None
+        new_tree = REPO if a.new_ref is None else extract_old(a.new_ref, work / "new")
         out = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                            "cpus": os.cpu_count(), "processor": _cpu_model()},
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "old_ref": a.old_ref, "rows": []}
+               "old_ref": a.old_ref, "new_ref": a.new_ref, "rows": []}
         for size in a.sizes_mb:  # written after each size: a long run keeps what it measured
-            out["rows"].append(bench_size(size, a.kinds, a.old_max_mb, work, old_tree))
+            out["rows"].append(bench_size(size, a.kinds, a.old_max_mb, work, old_tree,
+                                          new_tree))
             Path(a.out).write_text(json.dumps(out, indent=1), encoding="utf-8")
     print(f"wrote {a.out}")
     return 0
