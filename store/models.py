@@ -118,7 +118,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # The lease of the attempt that runs the job: renewed by its heartbeat; a running job whose
+    # heartbeat is older than LMFORGE_LEASE_S has lost its worker (store.sweep).
     heartbeat_at: Mapped[datetime | None]
+    # When the job's message was last handed to the broker (None: never, e.g. the broker was
+    # down at submission). The queued sweep re-enqueues queued jobs whose message is lost.
+    enqueued_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker_id: Mapped[str | None] = mapped_column(String(200))
@@ -132,7 +137,47 @@ class Job(Base):
         Index("ix_jobs_created_at_id", "created_at", "id"),
         # The orphan sweep: running jobs with a stale heartbeat.
         Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
+        # The queued sweep: queued jobs whose message may be lost.
+        Index("ix_jobs_status_enqueued_at", "status", "enqueued_at"),
     )
+
+
+class JobAttempt(Base):
+    """One row per attempt at running a job (``jobs.attempts`` numbers them from 1): which
+    worker, when, from which checkpoint step it resumed, and how it ended (``outcome``:
+    ``running`` while it runs, then ``succeeded``, ``failed``, ``cancelled``, ``interrupted``
+    (the worker shut down and handed the job back), ``lost`` (the worker died; its lease
+    expired) or ``out_of_memory``)."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]
+    resumed_from_step: Mapped[int | None]
+    outcome: Mapped[str] = mapped_column(String(32), default="running")
+    error: Mapped[dict[str, Any] | None]
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` for a creating request (``scope``: ``jobs`` or
+    ``datasets``): the sha256 of the request it came with and the id of what it created. A
+    retry with the same key and body returns that resource; the same key with another body is
+    a 409. Rows older than ``LMFORGE_IDEMPOTENCY_TTL_S`` are ignored and purged."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
 
 class Metric(Base):

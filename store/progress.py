@@ -1,5 +1,5 @@
 """The runner's side of a job in the database: claim, heartbeat, metrics, checkpoints, resume,
-finish, requeue after a worker shutdown, and the sweep of orphaned jobs.
+finish, and requeue after a worker shutdown (the sweeps are in :mod:`store.sweep`).
 
 Every write of a running job is fenced by its attempt number (``jobs.attempts``, incremented by
 each claim): a worker that lost its job to the sweep (it stopped heartbeating, then woke up)
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.contract import CheckpointBlob, MetricRow
@@ -204,36 +203,3 @@ def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
                    attempts=Job.attempts - 1, worker_id=None)
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
-
-
-def sweep_orphans(
-    session: Session, *, heartbeat_timeout_s: float, max_attempts: int,
-    now: datetime | None = None,
-) -> list[str]:
-    """Deal with running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (their
-    worker died): cancel those whose cancel was requested, fail those that used
-    ``max_attempts`` (``worker_lost``), and put the rest back to queued. Returns the ids to
-    enqueue (after the commit)."""
-    cutoff = (now or utcnow()) - timedelta(seconds=heartbeat_timeout_s)
-    stale_beat = or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
-    requeue: list[str] = []
-    for job in session.scalars(select(Job).where(Job.status == S.RUNNING, stale_beat)).all():
-        fence = [Job.attempts == job.attempts, stale_beat]
-        try:
-            if job.cancel_requested:
-                transition(session, job.id, S.CANCELLED, expect=[S.RUNNING], where=fence)
-            elif job.attempts >= max_attempts:
-                transition(
-                    session, job.id, S.FAILED, expect=[S.RUNNING], where=fence,
-                    error={"code": "worker_lost",
-                           "message": f"the job's worker stopped {job.attempts} times "
-                                      f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})"},
-                )
-            else:
-                transition(session, job.id, S.QUEUED, expect=[S.RUNNING], where=fence,
-                           worker_id=None)
-                requeue.append(job.id)
-            log.warning("job %s lost its worker (attempt %d)", job.id, job.attempts)
-        except Conflict:
-            continue  # it heartbeated or finished meanwhile
-    return requeue

@@ -21,11 +21,11 @@ from core.spec import JobSpec, TokenizerSpec
 from core.textstats import text_stats
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from store.models import Checkpoint, Job, JobStatus, Metric, utcnow
-from store.progress import sweep_orphans
 from store.settings import Settings
 from store.storage import LocalStorage
+from store.sweep import sweep_and_requeue, sweep_orphans
 from worker.engine.tokenizers import build_tokenizer
-from worker.runner import run_job, sweep_and_requeue
+from worker.runner import run_job
 
 SHAKESPEARE = find_corpus("tinyshakespeare/input.txt")
 

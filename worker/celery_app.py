@@ -4,7 +4,7 @@ The configuration is :func:`store.queue.make_celery`, shared with the API. Nothi
 imports torch: the prefork pool forks its children after this module is loaded, and torch must
 only be loaded inside the task, in the child (docs/operations.md).
 
-The :class:`OrphanSweep` boot step runs :func:`worker.runner.sweep_and_requeue` in the worker's
+The :class:`OrphanSweep` boot step runs :func:`store.sweep.sweep_and_requeue` in the worker's
 main process at start and then every ``heartbeat_timeout_s / 2`` seconds, on the worker's own
 timer (no extra thread in the process that forks).
 

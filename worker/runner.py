@@ -4,7 +4,7 @@
 its texts in storage as streams, trains through :class:`DatabaseHooks` (metrics and checkpoints
 written one short transaction at a time, never one transaction for the whole run), and finishes
 the job as succeeded, failed or cancelled. A background heartbeat keeps ``jobs.heartbeat_at``
-fresh so that :func:`sweep_orphans` can tell a dead worker's job from a slow one.
+fresh so that :func:`store.sweep.sweep_orphans` can tell a dead worker's job from a slow one.
 
 A worker that is shutting down sets the ``shutdown`` event given to :func:`run_job`: the engine
 then stops at its next ``should_stop`` poll (every ``log_interval`` steps) with a ``last``
@@ -40,9 +40,7 @@ from store.progress import (
     record_checkpoint,
     record_metrics,
     requeue_interrupted,
-    sweep_orphans,
 )
-from store.queue import Enqueuer
 from store.settings import Settings
 from store.storage import Storage
 
@@ -292,26 +290,3 @@ def _requeue(hooks: DatabaseHooks, factory: SessionFactory, outcome: Outcome) ->
     log.info("job %s: interrupted by the worker's shutdown at step %s; queued again",
              hooks.job_id, (outcome.result or {}).get("steps"))
     return True
-
-
-def sweep_and_requeue(
-    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings
-) -> list[str]:
-    """Re-enqueue running jobs whose worker died (stale heartbeat); see
-    :func:`store.progress.sweep_orphans`. A job whose enqueue fails is marked failed
-    (``enqueue_failed``), as in the API. Returns the re-enqueued ids."""
-    from store.status import mark_enqueue_failed
-
-    with session_scope(session_factory) as s:
-        ids = sweep_orphans(s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
-                            max_attempts=settings.max_attempts)
-    done = []
-    for job_id in ids:
-        try:
-            enqueuer.enqueue(job_id)
-            done.append(job_id)
-        except Exception as exc:
-            log.exception("re-enqueue of %s failed", job_id)
-            with session_scope(session_factory) as s:
-                mark_enqueue_failed(s, job_id, f"{type(exc).__name__}: {exc}")
-    return done

@@ -18,8 +18,9 @@ from store.models import JobStatus
 from store.queue import TRAIN_TASK, CeleryEnqueuer
 from store.settings import get_settings
 from store.storage import LocalStorage
+from store.sweep import sweep_and_requeue
 from worker.celery_app import SHUTDOWN, celery
-from worker.runner import run_job, sweep_and_requeue
+from worker.runner import run_job
 
 log = logging.getLogger(__name__)
 
