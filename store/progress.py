@@ -20,7 +20,16 @@ from sqlalchemy.orm import Session
 
 from core.contract import CheckpointBlob, MetricRow
 from core.errors import Conflict, NotFound
-from store.models import Checkpoint, CheckpointKind, Job, JobStatus, Metric, new_id, utcnow
+from store.models import (
+    Checkpoint,
+    CheckpointKind,
+    Job,
+    JobAttempt,
+    JobStatus,
+    Metric,
+    new_id,
+    utcnow,
+)
 from store.status import transition
 from store.storage import Storage, sha256_hex
 
@@ -47,6 +56,32 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
         log.info("not claiming %s: %s", job_id, exc)
         return None
     return session.get(Job, job_id, populate_existing=True)
+
+
+def start_attempt(session: Session, job_id: str, attempt: int, worker: str | None) -> None:
+    """Record attempt ``attempt`` of ``job_id`` (outcome ``running``) in ``job_attempts``."""
+    session.merge(JobAttempt(job_id=job_id, attempt=attempt, worker=worker, started_at=utcnow(),
+                             outcome="running"))
+
+
+def set_resumed_from(session: Session, job_id: str, attempt: int, step: int | None) -> None:
+    """The checkpoint step attempt ``attempt`` resumed from (None: it started from step 0)."""
+    session.execute(update(JobAttempt)
+                    .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
+                    .values(resumed_from_step=step)
+                    .execution_options(synchronize_session=False))
+
+
+def end_attempt(session: Session, job_id: str, attempt: int, outcome: str,
+                error: dict[str, Any] | None = None) -> None:
+    """Close attempt ``attempt`` of ``job_id`` with ``outcome`` (``succeeded``, ``failed``,
+    ``cancelled``, ``interrupted``, ``lost``, ``out_of_memory``) unless it is already closed.
+    A job with no row for that attempt (it predates ``job_attempts``) is left alone."""
+    session.execute(update(JobAttempt)
+                    .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                           JobAttempt.ended_at.is_(None))
+                    .values(ended_at=utcnow(), outcome=outcome, error=error)
+                    .execution_options(synchronize_session=False))
 
 
 def _fence(job_id: str, attempt: int) -> tuple[Any, ...]:

@@ -25,9 +25,17 @@ class Settings(BaseSettings):
     # Redis redelivers an unacked task after this many seconds, even while it runs: keep it above
     # the longest job (docs/operations.md). Duplicates are harmless anyway (the runner claims).
     visibility_timeout_s: int = Field(default=7 * 24 * 3600, alias="LMFORGE_VISIBILITY_TIMEOUT_S")
-    # A running job whose heartbeat is older than this is presumed orphaned and re-enqueued.
-    heartbeat_timeout_s: float = Field(default=120.0, alias="LMFORGE_HEARTBEAT_TIMEOUT_S")
-    max_attempts: int = Field(default=3, alias="LMFORGE_MAX_ATTEMPTS")
+    # The lease of a running job (seconds): its worker renews it with a heartbeat every
+    # heartbeat_interval_s; a running job whose heartbeat is older than this has lost its
+    # worker, and the sweep hands it back to the queue (store.sweep, docs/operations.md).
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0, alias="LMFORGE_HEARTBEAT_TIMEOUT_S")
+    # Attempts per job; past this many the job fails with worker_lost.
+    max_attempts: int = Field(default=3, ge=1, alias="LMFORGE_MAX_ATTEMPTS")
+    # A queued job whose message was handed to the broker longer ago than this and is no longer
+    # in the broker is enqueued again by the queued sweep (seconds).
+    requeue_after_s: float = Field(default=60.0, gt=0, alias="LMFORGE_REQUEUE_AFTER_S")
+    # How long an Idempotency-Key is remembered (seconds; default 24 h).
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0, alias="LMFORGE_IDEMPOTENCY_TTL_S")
     # On a warm shutdown with REMAP_SIGTERM=SIGQUIT, a running task gets this long (seconds)
     # before its message is restored to the queue (Celery's worker_soft_shutdown_timeout).
     soft_shutdown_timeout_s: float = Field(default=10.0, alias="LMFORGE_SOFT_SHUTDOWN_TIMEOUT_S")
@@ -35,6 +43,12 @@ class Settings(BaseSettings):
     # Token files of prepared corpora (worker.engine.tokencache), shared by every worker on this
     # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
     token_cache_dir: Path | None = Field(default=None, alias="LMFORGE_TOKEN_CACHE_DIR")
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often a running job renews its lease (and polls for a cancel): a sixth of the
+        lease, so five heartbeats can be missed before the job is presumed lost."""
+        return max(self.heartbeat_timeout_s / 6, 0.05)
 
     @property
     def storage_dir(self) -> Path:

@@ -245,7 +245,7 @@ def _train(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory, storage
     cache, ``settings.cache_dir``, or reuses an earlier job's files), with a background
     heartbeat. Never raises: a failure is an :class:`Outcome` with an error."""
     job_id = hooks.job_id
-    beat = _Heartbeat(hooks, max(settings.heartbeat_timeout_s / 4, 0.05))
+    beat = _Heartbeat(hooks, settings.heartbeat_interval_s)
     try:
         with session_scope(factory) as s:
             resume_from, stale = prepare_resume(s, storage, job_id)
