@@ -90,3 +90,72 @@ def test_metric_rows_survive_the_move_to_named_values_and_back(database_url: str
             row, evaluated]
     finally:
         engine.dispose()
+
+
+# -- many processes upgrading one new database at once -------------------------------------------
+
+_UPGRADER = """
+import sys, time, pathlib
+from store.db import upgrade_database
+import alembic.command, alembic.config, alembic.script  # imported before the start line
+url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+upgrade_database(url)
+"""
+# Processes that start their upgrade at the same moment (the issue's "any number of API and
+# worker processes start at once").
+UPGRADERS = 6
+# Safety net for one child, not a measured bound: interpreter start, imports and the upgrade.
+UPGRADER_DEADLINE_S = 300
+
+
+def test_concurrent_upgrades_of_a_new_database_all_succeed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Six processes call ``upgrade_database`` on one new database at the same instant: each
+    succeeds (the lock makes the others wait for the one that migrates) and the schema is at
+    head, exactly the models'."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    children = []
+    for i in range(UPGRADERS):
+        ready = tmp_path / f"ready-{i}"
+        children.append((ready, subprocess.Popen(
+            [sys.executable, "-c", _UPGRADER, database_url, str(ready), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )))
+    deadline = time.monotonic() + UPGRADER_DEADLINE_S
+    while not all(ready.exists() for ready, _ in children):
+        assert all(p.poll() is None for _, p in children), "an upgrader exited before the start"
+        assert time.monotonic() < deadline, "the upgraders did not get ready"
+        time.sleep(0.01)
+    go.touch()
+    failures = []
+    for _, proc in children:
+        out, _ = proc.communicate(timeout=UPGRADER_DEADLINE_S)
+        if proc.returncode != 0:
+            failures.append(out[-3000:])
+    assert not failures, "\n-----\n".join(failures)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) == TABLES
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert context.get_current_heads() == _head()
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def _head() -> tuple[str, ...]:
+    from alembic.script import ScriptDirectory
+
+    from store.db import alembic_config
+
+    return tuple(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
