@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -444,6 +445,32 @@ class PollStats:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     max_running: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (start, latency) in s
+    running: list[tuple[float, int]] = field(default_factory=list)  # (time, jobs running)
+
+    def while_running(self, n: int) -> list[float]:
+        """Latencies of the requests started while the last look showed ``n`` jobs running."""
+        times = [t for t, _ in self.running]
+        out = []
+        for start, lat in self.timeline:
+            k = bisect.bisect_right(times, start) - 1
+            if k >= 0 and self.running[k][1] == n:
+                out.append(lat)
+        return out
+
+    def windows(self, width_s: float) -> list[dict[str, Any]]:
+        """Latency (all requests) and jobs running, per ``width_s`` seconds of the phase."""
+        out = []
+        end = max((t for t, _ in self.timeline), default=0.0)
+        for k in range(int(end // width_s) + 1):
+            lo, hi = k * width_s, (k + 1) * width_s
+            lat = [x for t, x in self.timeline if lo <= t < hi]
+            run = [n for t, n in self.running if lo <= t < hi]
+            summary = latency_summary(lat)
+            out.append({"from_s": lo, "requests": len(lat), "p50_ms": summary.get("p50_ms"),
+                        "p99_ms": summary.get("p99_ms"), "max_jobs_running": max(run, default=0)})
+        return out
 
 
 async def _poller(base_url: str, ids: list[str], stats: PollStats, stop: asyncio.Event,
@@ -462,6 +489,7 @@ async def _poller(base_url: str, ids: list[str], stats: PollStats, stop: asyncio
                     stats.errors.append(f"{type(exc).__name__}: {exc}")
                     continue
                 stats.latency[kind].append(time.perf_counter() - t0)
+                stats.timeline.append((t0 - stats.t0, time.perf_counter() - t0))
                 stats.statuses[r.status_code] += 1
             await asyncio.sleep(interval)
 
@@ -472,8 +500,9 @@ async def _monitor(base_url: str, ids: list[str], stats: PollStats, stop: asynci
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         while time.monotonic() < deadline:
             jobs = [(await client.get(f"/v1/jobs/{i}")).json() for i in ids]
-            stats.max_running = max(stats.max_running,
-                                    sum(j.get("status") == "running" for j in jobs))
+            running = sum(j.get("status") == "running" for j in jobs)
+            stats.max_running = max(stats.max_running, running)
+            stats.running.append((time.perf_counter() - stats.t0, running))
             if all(j.get("status") in TERMINAL for j in jobs):
                 break
             await asyncio.sleep(0.5)
@@ -553,8 +582,10 @@ def part_poll(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str,
         "requests": requests, "requests_per_s": round(requests / wall, 1),
         "latency": {k: latency_summary(v) for k, v in stats.latency.items()},
         "latency_all": latency_summary([x for v in stats.latency.values() for x in v]),
+        "latency_while_all_jobs_ran": latency_summary(stats.while_running(args.jobs)),
         "answers_by_status": dict(sorted(stats.statuses.items())),
         "transport_errors": stats.errors[:20], "max_jobs_running_at_once": stats.max_running,
+        "by_5s_window": stats.windows(5.0),
         "database_is_locked_lines": locked, "per_job": jobs, "ok": ok,
     }
 
@@ -687,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--timeout-fraction", type=float, default=0.5)
     g = p.add_argument_group("poll")
     g.add_argument("--jobs", type=int, default=4)
-    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--steps", type=int, default=500)
     g.add_argument("--hidden", type=int, default=64, help="hidden size of the polled jobs")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--concurrency", type=int, default=2)
@@ -714,7 +745,10 @@ def main(argv: list[str] | None = None) -> int:
             for backend in backends:
                 t0 = time.perf_counter()
                 print(f"== {part} on {backend}", file=sys.stderr, flush=True)
+                load_before = [round(x, 2) for x in os.getloadavg()]
                 res = PARTS[part](infra, backend, args)
+                res["load_average_before_after"] = [load_before,
+                                                     [round(x, 2) for x in os.getloadavg()]]
                 res["part_wall_s"] = round(time.perf_counter() - t0, 1)
                 result["parts"].setdefault(part, []).append(res)
                 brief = {k: v for k, v in res.items() if k not in ("samples", "series", "per_job")}
