@@ -694,6 +694,108 @@ def part_soak(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str,
     }
 
 
+# -- markdown tables from a results file ------------------------------------------------------
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def _md_submit(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| backend | submissions (clients) | requests | wall s | submissions/s | requests/s "
+           "| p50 ms | p99 ms | max ms | answers | 5xx | jobs (names twice) | broker messages |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+           "| ---: |"]
+    for r in rows:
+        c, lat = r["checks"], r["latency"]
+        answers = ", ".join(f"{k}: {v}" for k, v in c["answers_by_status"].items())
+        out.append(
+            f"| {r['backend']} | {r['submissions']} ({r['clients']}) | {r['requests']} "
+            f"| {r['wall_s']} | {r['submissions_per_s']} | {r['requests_per_s']} "
+            f"| {lat['p50_ms']} | {lat['p99_ms']} | {lat['max_ms']} | {answers} "
+            f"| {c['answers_5xx']} | {c['jobs_in_database']} ({c['names_duplicated']}) "
+            f"| {c['broker_messages']} |")
+    by = {r["backend"]: r for r in rows}
+    if {"sqlite", "postgres"} <= by.keys():
+        a, b = by["sqlite"], by["postgres"]
+        out.append(
+            "| SQLite / PostgreSQL | | | "
+            f"| {_ratio(a['submissions_per_s'], b['submissions_per_s'])}"
+            f" | {_ratio(a['requests_per_s'], b['requests_per_s'])}"
+            f" | {_ratio(a['latency']['p50_ms'], b['latency']['p50_ms'])}"
+            f" | {_ratio(a['latency']['p99_ms'], b['latency']['p99_ms'])} | | | | | |")
+    return out
+
+
+def _md_poll(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| backend | jobs x steps (workers x pool) | pollers | wall s | requests/s "
+           "| GET job p50 / p99 ms | GET metrics p50 / p99 ms | all p50 / p99 / max ms "
+           "| while all jobs ran p50 / p99 ms | most running at once | metric rows exact "
+           "| \"database is locked\" | 5xx |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: "
+           "| ---: |"]
+    for r in rows:
+        lat, every = r["latency"], r["latency_all"]
+        steady = r["latency_while_all_jobs_ran"]
+        exact = sum(j["steps_exactly_once_in_database"] and j["steps_exactly_once_through_api"]
+                    for j in r["per_job"].values())
+        fivexx = sum(n for s, n in r["answers_by_status"].items() if int(s) >= 500)
+        out.append(
+            f"| {r['backend']} | {r['jobs']} x {r['steps']} ({r['workers']} x "
+            f"{r['concurrency']}) | {r['pollers']} | {r['wall_s']} | {r['requests_per_s']} "
+            f"| {lat['job']['p50_ms']} / {lat['job']['p99_ms']} "
+            f"| {lat['metrics']['p50_ms']} / {lat['metrics']['p99_ms']} "
+            f"| {every['p50_ms']} / {every['p99_ms']} / {every['max_ms']} "
+            f"| {steady.get('p50_ms', '-')} / {steady.get('p99_ms', '-')} "
+            f"| {r['max_jobs_running_at_once']} | {exact} of {len(r['per_job'])} jobs "
+            f"| {sum(r['database_is_locked_lines'].values())} | {fivexx} |")
+    by = {r["backend"]: r for r in rows}
+    if {"sqlite", "postgres"} <= by.keys():
+        a, b = by["sqlite"], by["postgres"]
+        out.append(
+            f"| SQLite / PostgreSQL | | | | {_ratio(a['requests_per_s'], b['requests_per_s'])} "
+            f"| | | {_ratio(a['latency_all']['p50_ms'], b['latency_all']['p50_ms'])} / "
+            f"{_ratio(a['latency_all']['p99_ms'], b['latency_all']['p99_ms'])} | | | | | |")
+    return out
+
+
+def _md_soak(rows: list[dict[str, Any]]) -> list[str]:
+    marks = [s["jobs_done"] for s in rows[0]["samples"]] if rows else []
+    head = " / ".join(f"after {m}" if m else "before the first job" for m in marks)
+    out = [f"| backend | jobs (succeeded) | wall s | pool process RSS MiB ({head}) "
+           "| main process RSS MiB (start / end) | pool growth from job "
+           f"{rows[0]['growth'].get('from_job', '-') if rows else '-'} (slope KiB/job) "
+           "| bounded |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        pool = " / ".join(_mib(sum(v or 0 for v in s["pool"].values())) for s in r["samples"])
+        g = r["growth"]
+        out.append(
+            f"| {r['backend']} | {r['jobs']} ({r['jobs_by_status'].get('succeeded', 0)}) "
+            f"| {r['wall_s']} | {pool} | {_mib(r['samples'][0]['main_rss_kib'])} / "
+            f"{_mib(r['samples'][-1]['main_rss_kib'])} "
+            f"| {g.get('pool_rss_growth_kib', '-')} KiB ({g.get('pool_rss_slope_kib_per_job')}) "
+            f"| {'yes' if g.get('bounded') else 'no'} |")
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    dirty = " (with uncommitted changes)" if m["dirty"] else ""
+    lines = [f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Python "
+             f"{m['python']}; commit {m['commit']}{dirty}; {m['date']}; load average at start "
+             f"{m['load_average_at_start']}.", "",
+             f"    .venv/bin/python {result['command']}", ""]
+    for part, fmt in (("submit", _md_submit), ("poll", _md_poll), ("soak", _md_soak)):
+        if part in result["parts"]:
+            lines += [f"{part}:", "", *fmt(result["parts"][part]), ""]
+    return "\n".join(lines)
+
+
 # -- the command -----------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[[Infra, str, argparse.Namespace], dict[str, Any]]] = {
@@ -703,7 +805,8 @@ PARTS: dict[str, Callable[[Infra, str, argparse.Namespace], dict[str, Any]]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("part", choices=[*PARTS, "all"])
+    p.add_argument("part", choices=[*PARTS, "all", "report"],
+                   help="report: print markdown tables from --out (a results file)")
     p.add_argument("--backends", nargs="+", default=["sqlite", "postgres"],
                    choices=["sqlite", "postgres"])
     p.add_argument("--soak-backends", nargs="+", default=None, choices=["sqlite", "postgres"],
@@ -733,6 +836,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parts = list(PARTS) if args.part == "all" else [args.part]
+    if args.part == "report":
+        print(markdown(json.loads((args.out or REPO / "bench/results/load.json").read_text())))
+        return 0
     out = args.out or REPO / "bench" / "results" / (
         "load.json" if args.part == "all" else f"load_{args.part}.json")
     result: dict[str, Any] = {
