@@ -314,6 +314,7 @@ class Submission:
     first_timeout_s: float | None
     answers: list[tuple[int, str | None]] = field(default_factory=list)  # (status, job id)
     client_timeouts: int = 0
+    replayed: int = 0  # answers with ``Idempotent-Replayed: true``
     transport_errors: list[str] = field(default_factory=list)
 
 
@@ -354,6 +355,7 @@ async def _submit_one(client: httpx.AsyncClient, sub: Submission, lat: list[floa
         lat.append(time.perf_counter() - t0)
         job_id = r.json().get("id") if r.status_code in (200, 201) else None
         sub.answers.append((r.status_code, job_id))
+        sub.replayed += r.headers.get("Idempotent-Replayed", "").lower() == "true"
 
 
 async def run_submissions(base_url: str, plan: list[Submission], clients: int) -> dict[str, Any]:
@@ -396,6 +398,7 @@ def check_submissions(stack: Stack, plan: list[Submission], tag: str) -> dict[st
         "client_side_timeouts": sum(sub.client_timeouts for sub in plan),
         "retried_submissions": sum(1 for sub in plan if sub.retries),
         "retry_answers_by_status": dict(sorted(Counter(retries_answered).items())),
+        "answers_marked_replayed": sum(sub.replayed for sub in plan),
         "answers_after_a_client_timeout_by_status": dict(sorted(Counter(replays).items())),
         "jobs_in_database": total_jobs,
         "names_missing": len(missing), "names_duplicated": len(duplicated),
