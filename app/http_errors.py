@@ -5,6 +5,10 @@ Every 4xx/5xx answer of the API has the body::
 
     {"error": {"code": "not_found", "message": "...", "field": "training.batch_size" | null,
                "details": [...]}}
+
+An outage of the database is a 503 with ``Retry-After`` (code ``database_unavailable``, or
+``database_busy`` when SQLite's writer lock or the connection pool is the bottleneck), never a
+500: the request can be sent again unchanged once the database is back.
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import LMForgeError
 
 log = logging.getLogger(__name__)
+
+# Seconds a client should wait before retrying a request that met a database outage (the
+# ``Retry-After`` of its 503): about how long a restarting PostgreSQL takes to accept again.
+DATABASE_RETRY_AFTER_S = 5
 
 
 class ErrorDetail(BaseModel):
@@ -113,6 +123,30 @@ def validation_details(
     return out
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be used right now (a lost or refused
+    connection, a server shutting down, a lock or pool timeout) rather than a bug in the
+    request or the code: SQLAlchemy's ``OperationalError`` and ``InterfaceError``, any
+    ``DBAPIError`` that invalidated its connection, and the pool's ``TimeoutError``."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def database_error_response(exc: BaseException) -> JSONResponse:
+    """The 503 for an unusable database (:func:`database_unavailable`), with ``Retry-After``.
+    ``database_busy`` when SQLite's writer lock or the pool timed out (the database is up
+    but saturated), else ``database_unavailable``."""
+    busy = isinstance(exc, PoolTimeoutError) or "database is locked" in str(exc)
+    if busy:
+        code, message = "database_busy", "the database is busy; retry in a few seconds"
+    else:
+        code, message = ("database_unavailable",
+                         "the database is unavailable; retry in a few seconds")
+    return error_response(503, code, message,
+                          headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def install_error_handlers(app: FastAPI, body_model: type[BaseModel] | None = None) -> None:
     """Map domain errors, request validation, HTTP errors and anything unhandled to the one
     error shape. ``body_model`` (the job spec) lets model-level errors name their field."""
@@ -143,3 +177,14 @@ def install_error_handlers(app: FastAPI, body_model: type[BaseModel] | None = No
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal server error")
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):  # an IntegrityError, a ProgrammingError: a bug
+            return await _unhandled(request, exc)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                    reason[0] if reason else type(exc).__name__)
+        return database_error_response(exc)
+
+    app.add_exception_handler(DBAPIError, _database)
+    app.add_exception_handler(PoolTimeoutError, _database)

@@ -10,6 +10,7 @@ Helpers take the caller's session and never commit.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -21,7 +22,17 @@ from core.spec import DatasetSource, JobSpec
 from core.splits import corpus_shortfall, estimate_split_tokens
 from core.textstats import TextStats, builtin_stats
 from store.db import newest_first_page
-from store.models import Checkpoint, CheckpointKind, Dataset, Job, JobStatus, Metric, new_id
+from store.models import (
+    Checkpoint,
+    CheckpointKind,
+    Dataset,
+    Job,
+    JobAttempt,
+    JobStatus,
+    Metric,
+    new_id,
+    utcnow,
+)
 from store.status import TERMINAL_STATES, transition
 
 log = logging.getLogger(__name__)
@@ -116,28 +127,51 @@ def create_job(session: Session, spec: JobSpec) -> Job:
     return job
 
 
+def mark_enqueued(session: Session, job_id: str) -> datetime:
+    """Record that job ``job_id``'s message was just handed to the broker
+    (``jobs.enqueued_at`` = now, UTC, returned): the queued sweep leaves it alone until that
+    message may be lost (``LMFORGE_REQUEUE_AFTER_S``)."""
+    now = utcnow()
+    session.execute(
+        update(Job).where(Job.id == job_id).values(enqueued_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return now
+
+
 # -- cancel and enqueue failure ---------------------------------------------------------------
 
 
 def cancel_job(session: Session, job_id: str) -> Job:
     """A queued job is cancelled at once. A running one gets ``cancel_requested``: its runner
-    stops at the next metrics flush, saves a ``last`` checkpoint and ends ``cancelled``.
-    A finished job is a :class:`Conflict`."""
+    notices it within about one heartbeat interval plus one step (or one evaluation batch),
+    saves a ``last`` checkpoint and ends ``cancelled``; one that finishes training meanwhile
+    ends ``cancelled`` too (``store.progress.finish_job`` only succeeds a job whose cancel was
+    not requested). So an accepted cancel is a promise: the job ends ``cancelled``.
+
+    A finished job is a :class:`Conflict` (``job_finished``), including one that finished
+    between the read and the conditional update (the update then matched no running row)."""
+    for _ in range(3):  # a job may move queued -> running -> queued (requeued) meanwhile
+        job = get_job(session, job_id)
+        if job.status == S.QUEUED:
+            try:
+                transition(session, job_id, S.CANCELLED, expect=[S.QUEUED],
+                           cancel_requested=True)
+                return get_job(session, job_id)
+            except Conflict:
+                continue  # claimed meanwhile: cancel it as a running job
+        if job.status == S.RUNNING:
+            res = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == S.RUNNING)
+                .values(cancel_requested=True)
+                .execution_options(synchronize_session=False)
+            )
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                return get_job(session, job_id)
+            continue  # it finished (or went back to the queue) meanwhile: look again
+        break
     job = get_job(session, job_id)
-    if job.status == S.QUEUED:
-        try:
-            transition(session, job_id, S.CANCELLED, expect=[S.QUEUED], cancel_requested=True)
-            return get_job(session, job_id)
-        except Conflict:
-            job = get_job(session, job_id)  # claimed meanwhile: cancel it as a running job
-    if job.status == S.RUNNING:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == S.RUNNING)
-            .values(cancel_requested=True)
-            .execution_options(synchronize_session=False)
-        )
-        return get_job(session, job_id)
     raise Conflict(
         f"job {job_id} is already {job.status.value}", code="job_finished",
         details=[{"status": job.status.value}],
@@ -145,6 +179,24 @@ def cancel_job(session: Session, job_id: str) -> Job:
 
 
 # -- reads ------------------------------------------------------------------------------------
+
+
+def attempt_histories(session: Session, job_ids: list[str]) -> dict[str, list[JobAttempt]]:
+    """The ``job_attempts`` rows of each of ``job_ids``, ordered by attempt (one query; a job
+    with no attempt yet maps to an empty list)."""
+    out: dict[str, list[JobAttempt]] = {job_id: [] for job_id in job_ids}
+    if not job_ids:
+        return out
+    rows = session.scalars(
+        select(JobAttempt)
+        .where(JobAttempt.job_id.in_(job_ids))
+        .order_by(JobAttempt.job_id, JobAttempt.attempt)
+        .execution_options(populate_existing=True)
+    )
+    for row in rows:
+        out[row.job_id].append(row)
+    return out
+
 
 
 def list_metrics(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -44,9 +44,30 @@ class Progress(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
-    step: int | None = None
+    """Why a job failed (docs/operations.md, "Failures and their codes")."""
+
+    code: str  # one of core.contract.ERROR_CODES, e.g. "out_of_memory", "worker_lost"
+    message: str  # for a person: what happened and what to change
+    # Whether the same spec, submitted again unchanged, may succeed (a fault of the machine or
+    # the moment, not of the spec or the data); null when the failure did not record it.
+    retryable: bool | None = None
+    # Where it happened: "prepare", "train", "evaluate" or "checkpoint"; null when unknown
+    # (e.g. a failure outside the engine, such as a lost worker).
+    phase: str | None = None
+    step: int | None = None  # the optimizer step it happened at, when known
+
+
+class AttemptOut(_FromRow):
+    """One attempt at running a job (``job_attempts``), numbered from 1."""
+
+    attempt: int
+    worker: str | None  # the Celery worker (hostname and pool process) that ran it
+    started_at: datetime
+    ended_at: datetime | None  # null while it runs
+    resumed_from_step: int | None  # the checkpoint step it resumed from; null: from scratch
+    # "running", then "succeeded", "failed", "cancelled", "interrupted" (its worker shut down
+    # and handed the job back), "lost" (its worker died) or "out_of_memory".
+    outcome: str
 
 
 class JobOut(_FromRow):
@@ -55,6 +76,9 @@ class JobOut(_FromRow):
     status: str
     spec: dict[str, Any]
     created_at: datetime
+    # When the job's message was last handed to the broker; null: not yet (the broker was
+    # down at submission: the job waits queued and the queued sweep enqueues it later).
+    enqueued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
@@ -63,6 +87,7 @@ class JobOut(_FromRow):
     progress: Progress
     latest_metrics: dict[str, Any] | None
     error: JobError | None
+    attempt_history: list[AttemptOut] = []  # ordered by attempt
 
 
 class JobList(BaseModel):
@@ -133,6 +158,6 @@ JobResultOut: type[BaseModel] = create_model(
 
 
 class Health(BaseModel):
-    status: str  # "ok" | "degraded"
-    database: bool
-    broker: bool | None  # None: not checked (no broker configured for this app)
+    status: Literal["ok", "degraded"]  # degraded: a part below is down (the answer is 503)
+    database: bool  # whether the database answers
+    broker: bool | None  # whether the broker answers; None: not checked

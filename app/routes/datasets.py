@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from app import datasets
-from app.deps import SessionDep, SettingsDep, StorageDep
+from app import datasets, idempotency
+from app.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
+from app.http_errors import ErrorBody
 from app.routes.uploads import receive_text_file
 from app.schemas import DatasetList, DatasetOut
 
@@ -34,33 +36,79 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=_UPLOAD_BODY)
+_DATASETS = "datasets"  # the Idempotency-Key scope
+
+
+@router.post(
+    "", status_code=201, response_model=DatasetOut, openapi_extra=_UPLOAD_BODY,
+    responses={
+        200: {"model": DatasetOut, "description": "a retry with the same Idempotency-Key and "
+                                                  "file: the dataset the first request made"},
+        409: {"model": ErrorBody, "description": "the Idempotency-Key was used with another "
+                                                 "upload (idempotency_key_reused)"},
+        413: {"model": ErrorBody, "description": "larger than LMFORGE_MAX_UPLOAD_BYTES"},
+        503: {"model": ErrorBody, "description": "the database is unavailable (Retry-After)"},
+    },
+)
 async def upload_dataset(
     request: Request,
     response: Response,
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut:
-    """Stream a UTF-8 text file to storage (413 past ``LMFORGE_MAX_UPLOAD_BYTES``)."""
+    """Stream a UTF-8 text file to storage (413 past ``LMFORGE_MAX_UPLOAD_BYTES``).
+
+    With ``Idempotency-Key``: a retry with the same key, name, file name and content returns
+    the dataset the first request made (200, ``Idempotent-Replayed: true``; the new copy is
+    discarded); the same key with another upload is 409 (``idempotency_key_reused``)."""
     dataset_id = datasets.new_dataset_id()
     key = datasets.storage_key(dataset_id)
     upload = await receive_text_file(request, storage, key, settings.max_upload_bytes)
     name = (upload.name or upload.filename or dataset_id)[:200]
+    digest = idempotency.request_digest(
+        {"name": upload.name, "filename": upload.filename, "sha256": upload.sha256,
+         "bytes": upload.bytes})
+    ttl = settings.idempotency_ttl_s
 
-    def save() -> DatasetOut:
+    def save() -> tuple[DatasetOut, bool]:
+        """The dataset and whether it is new; the stored copy is deleted unless it is."""
+        created = False
         try:
-            row = datasets.add_dataset(
-                session, dataset_id, name, upload.bytes, upload.sha256, upload.stats
-            )
-            session.commit()
-        except BaseException:
-            storage.delete(key)
-            raise
-        return DatasetOut.model_validate(row)
+            if idempotency_key is not None:
+                existing = idempotency.find(session, _DATASETS, idempotency_key, digest, ttl)
+                if existing is not None:
+                    return DatasetOut.model_validate(datasets.get_dataset(session, existing)), False
+            try:
+                row = datasets.add_dataset(
+                    session, dataset_id, name, upload.bytes, upload.sha256, upload.stats
+                )
+                if idempotency_key is not None:
+                    idempotency.remember(session, _DATASETS, idempotency_key, digest,
+                                         dataset_id, ttl)
+                session.commit()
+            except IntegrityError:
+                # A concurrent upload with the same key committed first: return its dataset.
+                session.rollback()
+                winner = (idempotency.find(session, _DATASETS, idempotency_key, digest, ttl)
+                          if idempotency_key is not None else None)
+                if winner is None:
+                    raise
+                return DatasetOut.model_validate(datasets.get_dataset(session, winner)), False
+            created = True
+            return DatasetOut.model_validate(row), True
+        finally:
+            if not created:
+                storage.delete(key)
 
-    out = await run_in_threadpool(save)
-    response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+    out, created = await run_in_threadpool(save)
+    response.headers["Location"] = f"/v1/datasets/{out.id}"
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    elif idempotency_key is not None:
+        await run_in_threadpool(idempotency.purge_expired, session, ttl)
     return out
 
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from app import jobs
-from app.deps import EnqueuerDep, SessionDep, StorageDep
+from app import idempotency, jobs
+from app.deps import EnqueuerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
+from app.http_errors import ErrorBody
+from app.routes.files import blob_response
 from app.schemas import (
+    AttemptOut,
     CheckpointList,
     CheckpointOut,
     JobList,
@@ -22,37 +27,115 @@ from app.schemas import (
     MetricList,
     metric_out,
 )
-from core.errors import ServiceUnavailable
 from core.spec import JobSpec
-from store.status import mark_enqueue_failed
+from store.models import Job
+from store.queue import Enqueuer
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+_JOBS = "jobs"  # the Idempotency-Key scope
 
-@router.post("", status_code=201, response_model=JobOut)
+
+_CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobOut, "description": "a retry with the same Idempotency-Key and spec: "
+                                          "the job the first request created"},
+    409: {"model": ErrorBody, "description": "the Idempotency-Key was used with another spec "
+                                             "(idempotency_key_reused)"},
+    422: {"model": ErrorBody, "description": "an invalid spec or Idempotency-Key, naming it"},
+    503: {"model": ErrorBody, "description": "the database is unavailable (Retry-After)"},
+}
+
+
+@router.post("", status_code=201, response_model=JobOut, responses=_CREATE_RESPONSES)
 def create_job(
-    spec: JobSpec, response: Response, session: SessionDep, enqueuer: EnqueuerDep
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    enqueuer: EnqueuerDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
-    """Record the job, commit, then enqueue its id. If the broker cannot take it, the job is
-    marked failed (``enqueue_failed``) and the answer is 503 naming the job."""
-    job = jobs.create_job(session, spec)
-    session.commit()
+    """Record the job (201, ``queued``), commit, then hand its id to the broker and set
+    ``enqueued_at``. A broker that does not take it (down, or refusing) leaves the job
+    ``queued`` with ``enqueued_at`` null: the queued sweep enqueues it once the broker is
+    back, and the answer is still 201.
+
+    With ``Idempotency-Key``: a retry with the same key and spec returns the job it created
+    (200, ``Idempotent-Replayed: true``); the same key with another spec is 409
+    (``idempotency_key_reused``); see :mod:`app.idempotency`."""
+    digest = idempotency.request_digest(spec.model_dump(mode="json"))
+    ttl = settings.idempotency_ttl_s
+    if idempotency_key is not None:
+        existing = idempotency.find(session, _JOBS, idempotency_key, digest, ttl)
+        if existing is not None:
+            return _replayed(session, response, existing)
     try:
-        enqueuer.enqueue(job.id)
-    except Exception as exc:
-        log.exception("enqueue of %s failed", job.id)
-        mark_enqueue_failed(session, job.id, f"{type(exc).__name__}: {exc}")
+        job = jobs.create_job(session, spec)
+        if idempotency_key is not None:
+            idempotency.remember(session, _JOBS, idempotency_key, digest, job.id, ttl)
         session.commit()
-        raise ServiceUnavailable(
-            f"job {job.id} was recorded but could not be queued: the broker is unreachable; "
-            f"it is marked failed (enqueue_failed); submit it again later",
-            code="enqueue_failed",
-            details=[{"job_id": job.id}],
-        ) from exc
+    except IntegrityError:
+        # A concurrent request with the same key committed first: return its job.
+        session.rollback()
+        winner = (idempotency.find(session, _JOBS, idempotency_key, digest, ttl)
+                  if idempotency_key is not None else None)
+        if winner is None:
+            raise
+        return _replayed(session, response, winner)
+    out = JobOut.model_validate(job)
+    enqueued_at = _enqueue(session, enqueuer, job.id)
+    if enqueued_at is not None:
+        out = out.model_copy(update={"enqueued_at": enqueued_at})
+    if idempotency_key is not None:
+        idempotency.purge_expired(session, ttl)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.model_validate(job)
+    return out
+
+
+def _replayed(session: Session, response: Response, job_id: str) -> JobOut:
+    """The answer to a retry: the job an earlier request with the same key created."""
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return _out(session, jobs.get_job(session, job_id))
+
+
+def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str) -> datetime | None:
+    """Hand the committed job to the broker and record when (``enqueued_at``, returned).
+    Returns None when the broker did not take it (the job stays queued for the queued
+    sweep) or when ``enqueued_at`` could not be written (the sweep may then enqueue it a
+    second time, which the worker's claim makes harmless). Raises nothing."""
+    try:
+        enqueuer.enqueue(job_id)
+    except Exception as exc:
+        log.warning("the broker did not take job %s (%s: %s); it stays queued and is enqueued "
+                    "when the broker is back", job_id, type(exc).__name__, exc)
+        return None
+    try:
+        at = jobs.mark_enqueued(session, job_id)
+        session.commit()
+        return at
+    except SQLAlchemyError as exc:
+        session.rollback()
+        log.warning("job %s was enqueued but enqueued_at was not recorded (%s)", job_id,
+                    type(exc).__name__)
+        return None
+
+
+def _out(session: Session, job: Job) -> JobOut:
+    return _outs(session, [job])[0]
+
+
+def _outs(session: Session, rows: list[Job]) -> list[JobOut]:
+    """Jobs as the API returns them, each with its ``attempt_history`` (one query)."""
+    history = jobs.attempt_histories(session, [r.id for r in rows])
+    return [
+        JobOut.model_validate(r).model_copy(update={
+            "attempt_history": [AttemptOut.model_validate(a) for a in history[r.id]]})
+        for r in rows
+    ]
 
 
 @router.get("", response_model=JobList)
@@ -64,7 +147,7 @@ def list_jobs(
 ) -> JobList:
     rows, has_more = jobs.list_jobs(session, limit, after)
     return JobList(
-        data=[JobOut.model_validate(r) for r in rows],
+        data=_outs(session, rows),
         has_more=has_more,
         next_after=rows[-1].id if has_more else None,
     )
@@ -72,7 +155,9 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(jobs.get_job(session, job_id))
+    """The job, its progress, its ``error`` (``{code, message, retryable, phase, step}``) when
+    it failed, and ``attempt_history``: one entry per attempt at running it."""
+    return _out(session, jobs.get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
@@ -81,7 +166,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
     Finished: 409."""
     job = jobs.cancel_job(session, job_id)
     session.commit()
-    return JobOut.model_validate(job)
+    return _out(session, job)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList)
@@ -106,41 +191,37 @@ def list_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
     return CheckpointList(data=[CheckpointOut.model_validate(r) for r in rows])
 
 
-@router.get(
+@router.api_route(
     "/{job_id}/checkpoints/{checkpoint_id}/download",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    methods=["GET", "HEAD"],
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint"},
+        206: {"description": "the byte range(s) asked for with Range"},
+        304: {"description": "If-None-Match matched the ETag: the client's copy is current"},
+        416: {"model": ErrorBody, "description": "Range starts past the end"},
+        503: {"model": ErrorBody, "description": "the blob is missing or damaged in storage"},
+    },
 )
 def download_checkpoint(
-    job_id: str, checkpoint_id: str, session: SessionDep, storage: StorageDep
-) -> StreamingResponse:
-    """The checkpoint as one safetensors file, streamed; its sha256 is in
-    ``X-Checkpoint-SHA256`` (hex), ``ETag`` and ``Repr-Digest`` (RFC 9530)."""
+    job_id: str, checkpoint_id: str, request: Request, session: SessionDep, storage: StorageDep
+) -> Response:
+    """The checkpoint as one safetensors file. Its sha256 is in ``X-Checkpoint-SHA256`` (hex),
+    the strong ``ETag`` (the hex in quotes) and ``Repr-Digest`` (RFC 9530). ``HEAD`` gives the
+    headers alone; ``If-None-Match`` with the ETag gives 304; ``Range`` gives 206 (see
+    :mod:`app.routes.files`). A checkpoint whose bytes fail their sha256 is never served."""
     ckpt = jobs.get_checkpoint(session, job_id, checkpoint_id)
-    if not storage.exists(ckpt.storage_key):
-        raise ServiceUnavailable(f"the blob of checkpoint {ckpt.id} is missing from storage",
-                                 code="blob_missing")
-    # A checkpoint that fails its sha256 is never offered (one extra read of a few MB; the
-    # headers below must be right before the first byte is sent).
-    digest = hashlib.sha256()
-    for chunk in storage.iter_bytes(ckpt.storage_key):
-        digest.update(chunk)
-    if digest.hexdigest() != ckpt.sha256:
-        log.error("checkpoint %s of job %s fails its sha256", ckpt.id, job_id)
-        raise ServiceUnavailable(
-            f"checkpoint {ckpt.id} is damaged in storage (its sha256 does not match); "
-            f"download another checkpoint of this job", code="checkpoint_corrupt")
     b64 = base64.b64encode(bytes.fromhex(ckpt.sha256)).decode()
-    filename = f"{job_id}-{ckpt.kind.value}-step{ckpt.step}.safetensors"
-    headers = {
-        "Content-Length": str(ckpt.bytes),
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Checkpoint-SHA256": ckpt.sha256,
-        "ETag": f'"{ckpt.sha256}"',
-        "Repr-Digest": f"sha-256=:{b64}:",
-        "Digest": f"sha-256={b64}",
-    }
-    return StreamingResponse(
-        storage.iter_bytes(ckpt.storage_key), media_type="application/octet-stream",
-        headers=headers,
+    return blob_response(
+        request, storage, ckpt.storage_key,
+        sha256_hex=ckpt.sha256,
+        filename=f"{job_id}-{ckpt.kind.value}-step{ckpt.step}.safetensors",
+        what=f"checkpoint {ckpt.id}",
+        corrupt_code="checkpoint_corrupt",
+        corrupt_advice="download another checkpoint of this job",
+        headers={
+            "X-Checkpoint-SHA256": ckpt.sha256,
+            "Repr-Digest": f"sha-256=:{b64}:",
+            "Digest": f"sha-256={b64}",
+        },
     )

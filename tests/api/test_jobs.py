@@ -7,7 +7,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.db import session_scope
-from store.models import JobStatus
 from store.progress import claim_job
 from tests.api.conftest import RecordingEnqueuer, small_spec, upload
 
@@ -171,24 +170,42 @@ def test_result_is_409_until_the_job_finishes(client: TestClient, dataset_id: st
     assert _error(client.get(f"/v1/jobs/{job_id}/result"), 409)["code"] == "job_not_finished"
 
 
-def test_enqueue_failure_marks_the_job_failed_and_answers_503(
+def test_a_broker_that_refuses_leaves_the_job_queued_with_no_enqueued_at_and_answers_201(
     client: TestClient, dataset_id: str, enqueuer: RecordingEnqueuer
 ) -> None:
     enqueuer.fail = ConnectionError("Connection refused")
-    err = _error(_create(client, small_spec(dataset_id)), 503)
-    assert err["code"] == "enqueue_failed"
-    job_id = err["details"][0]["job_id"]
-    job = client.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == JobStatus.FAILED
-    assert job["error"]["code"] == "enqueue_failed"
-    assert "Connection refused" in job["error"]["message"]
+    r = _create(client, small_spec(dataset_id))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert (job["status"], job["enqueued_at"], job["error"]) == ("queued", None, None)
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+    assert enqueuer.sent == []
 
 
-def test_healthz_reports_database_and_broker(client: TestClient,
-                                              enqueuer: RecordingEnqueuer) -> None:
-    assert client.get("/healthz").json() == {"status": "ok", "database": True, "broker": True}
+def test_a_successful_enqueue_records_enqueued_at(
+    client: TestClient, dataset_id: str, enqueuer: RecordingEnqueuer
+) -> None:
+    from datetime import datetime
+
+    r = _create(client, small_spec(dataset_id))
+    job = r.json()
+    assert enqueuer.sent == [job["id"]]
+    at = datetime.fromisoformat(job["enqueued_at"])
+    assert at >= datetime.fromisoformat(job["created_at"])
+    assert client.get(f"/v1/jobs/{job['id']}").json()["enqueued_at"] == job["enqueued_at"]
+
+
+def test_healthz_reports_database_and_broker_and_is_503_when_degraded(
+    client: TestClient, enqueuer: RecordingEnqueuer
+) -> None:
+    r = client.get("/healthz")
+    assert (r.status_code, r.json()) == (200, {"status": "ok", "database": True,
+                                               "broker": True})
     enqueuer.fail = ConnectionError()
-    assert client.get("/healthz").json()["status"] == "degraded"
+    r = client.get("/healthz")
+    assert (r.status_code, r.json()) == (503, {"status": "degraded", "database": True,
+                                               "broker": False})
+    assert int(r.headers["retry-after"]) > 0
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": "x"}])
