@@ -6,13 +6,20 @@ timeout, no result backend) is in ``docs/operations.md``: in short, a killed poo
 is redelivered, a long job holds no other job hostage, a running job is not redelivered while
 it still runs, and the database, not Celery, is the record of a job's state (a duplicate
 delivery is harmless anyway: the runner claims the job in the database).
+
+:class:`RedisQueueInspector` tells the queued sweep (:mod:`store.sweep`) which jobs still have a
+message in Redis, read straight from kombu's keys.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
+import binascii
+import json
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from celery import Celery
 
@@ -22,6 +29,15 @@ log = logging.getLogger(__name__)
 
 QUEUE = "lmforge"
 TRAIN_TASK = "lmforge.train_job"
+#: Seconds a Redis connect or command may block a publisher, the queue inspection or the
+#: worker's broker connection (kombu's ``socket_connect_timeout`` and ``socket_timeout``): a
+#: Redis that is gone, or frozen with its port still open, is an error within seconds, never
+#: a hang.
+BROKER_SOCKET_TIMEOUT_S = 2.0
+#: How long the worker's main process waits for a killed pool process's result before it
+#: reports the task's worker lost (Celery's ``worker_lost_wait``; default 10 s). The task
+#: returns nothing the worker needs, so waiting buys nothing.
+WORKER_LOST_WAIT_S = 1.0
 
 
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
@@ -32,15 +48,28 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Without it a publish to a Redis that stopped answering (frozen, or gone without
+            # closing the connection) waits forever (kombu's redis transport documentation).
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+        },
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
+        # Redis outages (docs/operations.md, "Faults"): the worker reconnects for as long as
+        # it takes (default: 100 tries, then the worker exits), and a running task trains on
+        # while the broker is away instead of being cancelled.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # A publish to an unreachable broker fails within about a second (then the API marks
         # the job enqueue_failed) instead of retrying for minutes.
-        broker_connection_timeout=2.0,
+        broker_connection_timeout=BROKER_SOCKET_TIMEOUT_S,
+        worker_lost_wait=WORKER_LOST_WAIT_S,
         task_publish_retry_policy={
             "max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
         },
@@ -78,3 +107,93 @@ class CeleryEnqueuer:
         except Exception:  # any transport error means "not reachable"
             log.warning("broker not reachable", exc_info=True)
             return False
+
+
+def job_id_of_message(payload: bytes | str | dict[str, Any]) -> str | None:
+    """The job id that a kombu Redis message for :data:`TRAIN_TASK` carries, else None.
+
+    ``payload`` is what kombu's Redis transport stores (or that, parsed): a JSON object whose
+    ``headers.task`` names the task and whose ``body`` (base64 when
+    ``properties.body_encoding`` says so) is Celery's task message protocol 2,
+    ``[args, kwargs, embed]``. Falls back to the
+    ``headers.argsrepr`` that Celery adds (``"['job_...']"``) when the body cannot be read.
+    Sources: kombu ``transport/virtual/base.py`` (``Message``), Celery's "Message Protocol"
+    reference. Raises nothing."""
+    try:
+        message = payload if isinstance(payload, dict) else json.loads(payload)
+        headers = message.get("headers") or {}
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if headers.get("task") != TRAIN_TASK:
+        return None
+    try:
+        body: Any = message.get("body")
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        args = decoded[0] if isinstance(decoded, list) else decoded.get("args")
+        return str(args[0])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, binascii.Error):
+        pass
+    try:
+        args = ast.literal_eval(headers.get("argsrepr") or "")
+        return str(args[0])
+    except (ValueError, TypeError, SyntaxError, IndexError, KeyError):
+        return None
+
+
+class RedisQueueInspector:
+    """Which jobs have a message in the Redis broker: waiting in the queue, or delivered to a
+    worker that has not acknowledged it yet.
+
+    Reads kombu's own keys with ``redis-py`` (kombu ``transport/redis.py``): the queue is one
+    list per priority step (``lmforge``, then ``lmforge\\x06\\x16<n>`` for the other steps),
+    and a delivered, unacknowledged message sits in the ``unacked`` hash (its delivery tag ->
+    ``[message, exchange, routing_key]``) with its delivery time (Unix seconds) in the
+    ``unacked_index`` sorted set. Key names come from kombu's ``Channel`` defaults; a
+    ``global_keyprefix`` transport option or a Sentinel URL is not supported (we set
+    neither).
+
+    Every command is bounded by ``socket_timeout`` seconds: a Redis that is down or frozen
+    raises ``redis.exceptions.RedisError`` instead of blocking the worker's main process."""
+
+    def __init__(self, redis_url: str, queue: str = QUEUE, *,
+                 socket_timeout: float = BROKER_SOCKET_TIMEOUT_S) -> None:
+        import redis
+        from kombu.transport.redis import Channel
+
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=socket_timeout,
+                                           socket_connect_timeout=socket_timeout)
+        self.lists = [queue if not pri else f"{queue}{Channel.sep}{pri}"
+                      for pri in Channel.priority_steps]
+        self.unacked_key = Channel.unacked_key
+        self.unacked_index_key = Channel.unacked_index_key
+
+    def pending_job_ids(self, delivered_since: float) -> set[str]:
+        """Ids of the jobs with a message in the queue, or delivered at or after
+        ``delivered_since`` (Unix seconds) and not acknowledged. An unacknowledged message
+        delivered earlier is left out: a live worker claims its job within seconds of the
+        delivery, so such a message is held by a worker that died (kombu would restore it
+        only after the visibility timeout, days later). Raises
+        ``redis.exceptions.RedisError`` when Redis does not answer."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in self.lists:
+            pipe.lrange(name, 0, -1)
+        pipe.zrangebyscore(self.unacked_index_key, delivered_since, "+inf")
+        *queued, recent = pipe.execute()
+        found = {job for payloads in queued for p in payloads
+                 if (job := job_id_of_message(p)) is not None}
+        if recent:
+            for entry in self.client.hmget(self.unacked_key, recent):
+                if entry is None:
+                    continue  # acknowledged meanwhile
+                try:
+                    message = json.loads(entry)[0]
+                except (ValueError, TypeError, IndexError, KeyError):
+                    continue
+                if (job := job_id_of_message(message)) is not None:
+                    found.add(job)
+        return found
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,26 +1,41 @@
 """The sweeps that keep jobs from sitting in a state forever.
 
-:func:`sweep_orphans` finds running jobs whose worker died (their lease, the heartbeat, expired)
-and hands them back to the queue; :func:`sweep_and_requeue` runs it and enqueues the result.
-Run by every worker's main process (``worker.celery_app.OrphanSweep``).
+- :func:`sweep_orphans` finds running jobs whose worker died (their lease, the heartbeat,
+  expired) and hands them back to the queue (or fails them past ``max_attempts``), recording
+  the lost attempt.
+- :func:`lost_queued_jobs` finds queued jobs whose broker message is gone: never handed to
+  the broker (``enqueued_at`` NULL), or handed over longer than ``requeue_after_s`` ago and no
+  longer in it (a Redis restart without persistence, for one).
+- :func:`claim_enqueue` is the compare-and-set that lets exactly one sweeper enqueue such a
+  job: ``UPDATE jobs SET enqueued_at = :now WHERE id = :id AND status = 'queued' AND
+  (enqueued_at IS NULL OR enqueued_at < :cutoff)``; the sweeper whose update changed the row
+  enqueues, every other one sees rowcount 0 and leaves the job alone.
+- :func:`sweep_and_requeue` runs both sweeps and enqueues what they found. It runs in every
+  worker's main process (``worker.celery_app.OrphanSweep``: at start, then periodically, and
+  at once when a pool process dies, see ``worker.tasks``).
 
-Helpers that take a session never commit.
+Helpers that take a session never commit. docs/operations.md ("Faults: queues, sweeps and
+worker deaths") explains the design.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import Conflict
+from core.errors import Conflict, NotFound
 from store.db import session_scope
 from store.models import Job, JobStatus, utcnow
+from store.progress import end_attempt
 from store.queue import Enqueuer
 from store.settings import Settings
-from store.status import mark_enqueue_failed, transition
+from store.status import transition
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +43,44 @@ S = JobStatus
 SessionFactory = sessionmaker[Session]
 
 
+class QueueInspector(Protocol):
+    def pending_job_ids(self, delivered_since: float) -> set[str]:
+        """Jobs with a message in the broker (see ``store.queue.RedisQueueInspector``)."""
+        ...
+
+
+def sweep_interval_s(settings: Settings) -> float:
+    """How often a worker runs :func:`sweep_and_requeue` (seconds): half the shorter of the
+    lease and ``requeue_after_s``, at least half a second."""
+    return max(min(settings.heartbeat_timeout_s, settings.requeue_after_s) / 2, 0.5)
+
+
+# -- running jobs whose worker died --------------------------------------------------------------
+
+
+def _step(job: Job) -> int:
+    return int((job.progress or {}).get("step") or 0)
+
+
+def worker_lost_error(job: Job, max_attempts: int) -> dict[str, Any]:
+    """The ``worker_lost`` error of a job whose worker died ``job.attempts`` times."""
+    return {"code": "worker_lost",
+            "message": f"the job's worker stopped {job.attempts} times without finishing it "
+                       f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})",
+            "retryable": False, "phase": "train", "step": _step(job)}
+
+
 def sweep_orphans(
     session: Session, *, heartbeat_timeout_s: float, max_attempts: int,
     now: datetime | None = None,
 ) -> list[str]:
-    """Deal with running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (their
-    worker died): cancel those whose cancel was requested, fail those that used
-    ``max_attempts`` (``worker_lost``), and put the rest back to queued. Returns the ids to
-    enqueue (after the commit)."""
+    """Deal with running jobs whose heartbeat is older than ``heartbeat_timeout_s`` seconds
+    or unset (their worker died): cancel those whose cancel was requested, fail those that
+    used ``max_attempts`` (``worker_lost``), and put the rest back to queued with
+    ``enqueued_at`` NULL (no message yet). Each taken attempt is closed as ``lost``
+    (``job_attempts``). Every update is fenced on the attempt number and the stale
+    heartbeat, so a job that heartbeats or finishes meanwhile is left alone. Returns the ids
+    to enqueue (after the commit, with :func:`enqueue_jobs`)."""
     cutoff = (now or utcnow()) - timedelta(seconds=heartbeat_timeout_s)
     stale_beat = or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))
     requeue: list[str] = []
@@ -45,38 +90,191 @@ def sweep_orphans(
             if job.cancel_requested:
                 transition(session, job.id, S.CANCELLED, expect=[S.RUNNING], where=fence)
             elif job.attempts >= max_attempts:
-                transition(
-                    session, job.id, S.FAILED, expect=[S.RUNNING], where=fence,
-                    error={"code": "worker_lost",
-                           "message": f"the job's worker stopped {job.attempts} times "
-                                      f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})"},
-                )
+                transition(session, job.id, S.FAILED, expect=[S.RUNNING], where=fence,
+                           error=worker_lost_error(job, max_attempts))
             else:
                 transition(session, job.id, S.QUEUED, expect=[S.RUNNING], where=fence,
-                           worker_id=None)
+                           worker_id=None, enqueued_at=None)
                 requeue.append(job.id)
-            log.warning("job %s lost its worker (attempt %d)", job.id, job.attempts)
-        except Conflict:
+        except (Conflict, NotFound):
             continue  # it heartbeated or finished meanwhile
+        end_attempt(session, job.id, job.attempts, "lost")
+        log.warning("job %s lost its worker (attempt %d, step %d)", job.id, job.attempts,
+                    _step(job))
     return requeue
 
 
-def sweep_and_requeue(
-    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings
+def running_attempt(session: Session, job_id: str, worker_id: str) -> int | None:
+    """The attempt number of ``job_id`` if it is running on ``worker_id``, else None."""
+    return session.scalar(select(Job.attempts).where(
+        Job.id == job_id, Job.status == S.RUNNING, Job.worker_id == worker_id))
+
+
+def expire_lease(session: Session, job_id: str, attempt: int) -> bool:
+    """End attempt ``attempt``'s lease now (``heartbeat_at`` NULL), so that the next
+    :func:`sweep_orphans` takes the job without waiting for the lease to run out: its
+    worker process is known to be dead. Fenced: does nothing (False) unless the job is
+    running that attempt."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == S.RUNNING, Job.attempts == attempt)
+        .values(heartbeat_at=None).execution_options(synchronize_session=False))
+    return res.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+
+def fail_attempt(
+    session: Session, job_id: str, attempt: int, error: dict[str, Any], outcome: str
+) -> JobStatus | None:
+    """Attempt ``attempt`` of a running job ended for good (e.g. its process was killed by
+    the out-of-memory killer): fail the job with ``error`` (its ``step`` filled in from the
+    progress), or cancel it when a cancel was requested, and close the attempt with
+    ``outcome``. Fenced on the attempt: returns the new status, or None when the job is not
+    running that attempt any more."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != S.RUNNING or job.attempts != attempt:
+        return None
+    to = S.CANCELLED if job.cancel_requested else S.FAILED
+    values = {} if to == S.CANCELLED else {"error": {**error, "step": _step(job)}}
+    try:
+        transition(session, job_id, to, expect=[S.RUNNING], where=[Job.attempts == attempt],
+                   **values)
+    except (Conflict, NotFound):
+        return None
+    end_attempt(session, job_id, attempt, outcome, error)
+    return to
+
+
+# -- queued jobs whose message is lost -----------------------------------------------------------
+
+
+def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) -> None:
+    """A queued job's message was just handed to the broker again (a shutdown requeue):
+    ``enqueued_at`` = now. Does nothing to a job that is not queued."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == S.QUEUED)
+                    .values(enqueued_at=now or utcnow())
+                    .execution_options(synchronize_session=False))
+
+
+def lost_queued_jobs(
+    session: Session, *, cutoff: datetime, pending: Collection[str] | None,
 ) -> list[str]:
-    """Re-enqueue running jobs whose worker died (stale heartbeat); see
-    :func:`sweep_orphans`. A job whose enqueue fails is marked failed
-    (``enqueue_failed``), as in the API. Returns the re-enqueued ids."""
-    with session_scope(session_factory) as s:
-        ids = sweep_orphans(s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
-                            max_attempts=settings.max_attempts)
-    done = []
-    for job_id in ids:
+    """Queued jobs that have no message: ``enqueued_at`` NULL, or older than ``cutoff`` and
+    not among ``pending`` (the ids with a message in the broker). With ``pending`` None (the
+    broker cannot be inspected) only the NULL ones. Oldest first."""
+    eligible: ColumnElement[bool]
+    if pending is None:
+        eligible = Job.enqueued_at.is_(None)
+    else:
+        eligible = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
+    ids = session.scalars(select(Job.id).where(Job.status == S.QUEUED, eligible)
+                          .order_by(Job.created_at, Job.id)).all()
+    return [i for i in ids if pending is None or i not in pending]
+
+
+def claim_enqueue(session: Session, job_id: str, *, now: datetime, cutoff: datetime) -> bool:
+    """The compare-and-set that makes one sweeper, and only one, enqueue ``job_id``:
+    ``enqueued_at`` becomes ``now`` if the job is queued and its ``enqueued_at`` is NULL or
+    older than ``cutoff``. True when this call changed the row (commit, then enqueue)."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == S.QUEUED,
+               or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff))
+        .values(enqueued_at=now).execution_options(synchronize_session=False))
+    return res.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+
+def release_enqueue(session: Session, job_id: str, claimed_at: datetime) -> None:
+    """The enqueue after :func:`claim_enqueue` failed: ``enqueued_at`` back to NULL (unless
+    someone changed it since), so that the next sweep tries again at once."""
+    session.execute(update(Job).where(Job.id == job_id, Job.enqueued_at == claimed_at)
+                    .values(enqueued_at=None).execution_options(synchronize_session=False))
+
+
+def enqueue_jobs(
+    session_factory: SessionFactory, enqueuer: Enqueuer, job_ids: Collection[str], *,
+    now: datetime, cutoff: datetime,
+) -> tuple[list[str], list[str]]:
+    """For each id: :func:`claim_enqueue` in its own transaction, then, if this call won,
+    enqueue it. Returns ``(enqueued, lost_races)``. An enqueue that raises is released
+    (:func:`release_enqueue`) and the rest are skipped: the broker is down, and the next
+    sweep retries."""
+    enqueued: list[str] = []
+    lost: list[str] = []
+    for job_id in job_ids:
+        with session_scope(session_factory) as s:
+            won = claim_enqueue(s, job_id, now=now, cutoff=cutoff)
+        if not won:
+            lost.append(job_id)
+            continue
         try:
             enqueuer.enqueue(job_id)
-            done.append(job_id)
-        except Exception as exc:
-            log.exception("re-enqueue of %s failed", job_id)
+        except Exception:
+            log.warning("enqueue of %s failed; the next sweep retries", job_id, exc_info=True)
             with session_scope(session_factory) as s:
-                mark_enqueue_failed(s, job_id, f"{type(exc).__name__}: {exc}")
-    return done
+                release_enqueue(s, job_id, now)
+            break
+        enqueued.append(job_id)
+    return enqueued, lost
+
+
+@dataclass
+class SweepResult:
+    """What one :func:`sweep_and_requeue` did: ``orphans`` re-enqueued after a dead worker,
+    ``queued`` re-enqueued because their message was lost, ``lost_races`` left to another
+    sweeper that claimed them first."""
+
+    orphans: list[str] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+    lost_races: list[str] = field(default_factory=list)
+
+    @property
+    def enqueued(self) -> list[str]:
+        return self.orphans + self.queued
+
+
+def sweep_queued(
+    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings,
+    inspector: QueueInspector | None, now: datetime | None = None,
+) -> SweepResult:
+    """Enqueue again the queued jobs whose message is lost (:func:`lost_queued_jobs`, then
+    :func:`enqueue_jobs`). ``inspector`` None: only jobs never handed to the broker.
+    Raises what the inspector raises (the broker does not answer: nothing is enqueued)."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    pending = (None if inspector is None
+               else inspector.pending_job_ids(delivered_since=cutoff.timestamp()))
+    with session_scope(session_factory) as s:
+        ids = lost_queued_jobs(s, cutoff=cutoff, pending=pending)
+    enqueued, lost = enqueue_jobs(session_factory, enqueuer, ids, now=now, cutoff=cutoff)
+    if enqueued:
+        log.warning("re-enqueued queued jobs whose message was lost: %s", ", ".join(enqueued))
+    return SweepResult(queued=enqueued, lost_races=lost)
+
+
+def sweep_and_requeue(
+    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings,
+    inspector: QueueInspector | None = None, *, queued: bool = False,
+) -> list[str]:
+    """The sweeps, as the workers run them (:func:`sweep_all`). Returns the enqueued ids."""
+    return sweep_all(session_factory, enqueuer, settings, inspector, queued=queued).enqueued
+
+
+def sweep_all(
+    session_factory: SessionFactory, enqueuer: Enqueuer, settings: Settings,
+    inspector: QueueInspector | None = None, *, queued: bool = False,
+) -> SweepResult:
+    """Requeue the running jobs whose worker died (:func:`sweep_orphans`) and enqueue them at
+    once; then, with ``queued``, enqueue the queued jobs whose message is lost
+    (:func:`sweep_queued`, with ``inspector``). A job whose enqueue fails stays queued with
+    ``enqueued_at`` NULL: the next sweep enqueues it when the broker is back. Raises the
+    inspector's error after the orphans are dealt with."""
+    now = utcnow()
+    with session_scope(session_factory) as s:
+        ids = sweep_orphans(s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                            max_attempts=settings.max_attempts, now=now)
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    orphans, lost = enqueue_jobs(session_factory, enqueuer, ids, now=now, cutoff=cutoff)
+    result = SweepResult(orphans=orphans, lost_races=lost)
+    if queued:
+        more = sweep_queued(session_factory, enqueuer, settings, inspector)
+        result.queued, result.lost_races = more.queued, result.lost_races + more.lost_races
+    return result

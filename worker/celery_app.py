@@ -4,9 +4,12 @@ The configuration is :func:`store.queue.make_celery`, shared with the API. Nothi
 imports torch: the prefork pool forks its children after this module is loaded, and torch must
 only be loaded inside the task, in the child (docs/operations.md).
 
-The :class:`OrphanSweep` boot step runs :func:`store.sweep.sweep_and_requeue` in the worker's
-main process at start and then every ``heartbeat_timeout_s / 2`` seconds, on the worker's own
-timer (no extra thread in the process that forks).
+The :class:`OrphanSweep` boot step runs the sweeps (:func:`worker.tasks.sweep_orphaned_jobs`:
+jobs of dead workers, and queued jobs whose broker message is lost) in the worker's main process
+at start and then every :func:`store.sweep.sweep_interval_s` seconds (half the shorter of the
+lease and ``requeue_after_s``), on the worker's own timer (no extra thread in the process that
+forks). Every worker runs it; the compare-and-set in :func:`store.sweep.claim_enqueue` keeps two
+sweepers from enqueuing one job twice.
 
 Shutdown while a job runs: Celery tells the pool processes nothing during a warm or a soft/cold
 shutdown (checked with Celery 5.7 and REMAP_SIGTERM=SIGQUIT: the main process sleeps
@@ -47,7 +50,9 @@ class OrphanSweep(bootsteps.StartStopStep):
         self.tref: Any = None
 
     def start(self, parent: Any) -> None:
-        interval = max(get_settings().heartbeat_timeout_s / 2, 1.0)
+        from store.sweep import sweep_interval_s
+
+        interval = sweep_interval_s(get_settings())
         self._sweep()
         self.tref = parent.timer.call_repeatedly(interval, self._sweep, priority=10)
 
@@ -62,8 +67,9 @@ class OrphanSweep(bootsteps.StartStopStep):
 
         try:
             sweep_orphaned_jobs()
-        except Exception:  # the database may be down for a moment; try again next tick
-            log.warning("orphan sweep failed", exc_info=True)
+        except Exception as exc:  # the database or Redis may be down; try again next tick
+            log.warning("sweep failed (%s: %s); trying again at the next tick",
+                        type(exc).__name__, exc)
 
 
 celery.steps["worker"].add(OrphanSweep)
