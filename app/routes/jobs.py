@@ -191,18 +191,21 @@ def list_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
     return CheckpointList(data=[CheckpointOut.model_validate(r) for r in rows])
 
 
-@router.api_route(
-    "/{job_id}/checkpoints/{checkpoint_id}/download",
-    methods=["GET", "HEAD"],
-    response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint"},
-        206: {"description": "the byte range(s) asked for with Range"},
-        304: {"description": "If-None-Match matched the ETag: the client's copy is current"},
-        416: {"model": ErrorBody, "description": "Range starts past the end"},
-        503: {"model": ErrorBody, "description": "the blob is missing or damaged in storage"},
-    },
-)
+_DOWNLOAD = "/{job_id}/checkpoints/{checkpoint_id}/download"
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint"},
+    206: {"description": "the byte range(s) asked for with Range"},
+    304: {"description": "If-None-Match matched the ETag: the client's copy is current"},
+    400: {"model": ErrorBody, "description": "a malformed Range (invalid_range)"},
+    416: {"model": ErrorBody, "description": "Range starts past the end"},
+    503: {"model": ErrorBody, "description": "the blob is missing or damaged in storage"},
+}
+
+
+@router.get(_DOWNLOAD, response_class=FileResponse, responses=_DOWNLOAD_RESPONSES,
+            operation_id="download_checkpoint")
+@router.head(_DOWNLOAD, response_class=FileResponse, responses=_DOWNLOAD_RESPONSES,
+             operation_id="head_checkpoint", summary="Checkpoint download headers")
 def download_checkpoint(
     job_id: str, checkpoint_id: str, request: Request, session: SessionDep, storage: StorageDep
 ) -> Response:
