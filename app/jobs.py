@@ -10,7 +10,6 @@ Helpers take the caller's session and never commit.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -112,31 +111,24 @@ def validate_sources(session: Session, spec: JobSpec) -> None:
     _check_corpus_size(spec, stats)
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
-    """Validate ``spec`` against the stored datasets and add a queued job (not committed)."""
+def create_job(session: Session, spec: JobSpec, *, enqueue: bool = False) -> Job:
+    """Validate ``spec`` against the stored datasets and add a queued job (not committed).
+    ``enqueue``: the caller hands it to the broker right after the commit, so its
+    ``enqueued_at`` is set to its ``created_at`` (else NULL: not handed over yet)."""
     validate_sources(session, spec)
+    now = utcnow()
     job = Job(
         id=new_id("job"),
         name=spec.name,
         status=S.QUEUED,
+        created_at=now,
+        enqueued_at=now if enqueue else None,
         spec=spec.model_dump(mode="json"),
         progress={"step": 0, "total_steps": spec.training.max_steps, "tokens_seen": 0},
     )
     session.add(job)
     session.flush()
     return job
-
-
-def mark_enqueued(session: Session, job_id: str) -> datetime:
-    """Record that job ``job_id``'s message was just handed to the broker
-    (``jobs.enqueued_at`` = now, UTC, returned): the queued sweep leaves it alone until that
-    message may be lost (``LMFORGE_REQUEUE_AFTER_S``)."""
-    now = utcnow()
-    session.execute(
-        update(Job).where(Job.id == job_id).values(enqueued_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return now
 
 
 # -- cancel and enqueue failure ---------------------------------------------------------------

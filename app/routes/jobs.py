@@ -30,6 +30,7 @@ from app.schemas import (
 from core.spec import JobSpec
 from store.models import Job
 from store.queue import Enqueuer
+from store.sweep import release_enqueue
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,11 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
-    """Record the job (201, ``queued``), commit, then hand its id to the broker and set
-    ``enqueued_at``. A broker that does not take it (down, or refusing) leaves the job
-    ``queued`` with ``enqueued_at`` null: the queued sweep enqueues it once the broker is
-    back, and the answer is still 201.
+    """Record the job (201, ``queued``), commit, then hand its id to the broker
+    (``enqueued_at`` says when). A broker that does not take it (down, or refusing) leaves
+    the job ``queued`` with ``enqueued_at`` null: the queued sweep enqueues it once the
+    broker is back, and the answer is still 201. Publishing gives up within seconds
+    (``store.queue``), never holding the request.
 
     With ``Idempotency-Key``: a retry with the same key and spec returns the job it created
     (200, ``Idempotent-Replayed: true``); the same key with another spec is 409
@@ -72,7 +74,9 @@ def create_job(
         if existing is not None:
             return _replayed(session, response, existing)
     try:
-        job = jobs.create_job(session, spec)
+        # Stored as handed to the broker (enqueued_at = created_at), so that the queued sweep
+        # does not enqueue it too while this request publishes; cleared if the broker refuses.
+        job = jobs.create_job(session, spec, enqueue=True)
         if idempotency_key is not None:
             idempotency.remember(session, _JOBS, idempotency_key, digest, job.id, ttl)
         session.commit()
@@ -85,9 +89,9 @@ def create_job(
             raise
         return _replayed(session, response, winner)
     out = JobOut.model_validate(job)
-    enqueued_at = _enqueue(session, enqueuer, job.id)
-    if enqueued_at is not None:
-        out = out.model_copy(update={"enqueued_at": enqueued_at})
+    assert job.enqueued_at is not None
+    if not _enqueue(session, enqueuer, job.id, job.enqueued_at):
+        out = out.model_copy(update={"enqueued_at": None})
     if idempotency_key is not None:
         idempotency.purge_expired(session, ttl)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -102,26 +106,27 @@ def _replayed(session: Session, response: Response, job_id: str) -> JobOut:
     return _out(session, jobs.get_job(session, job_id))
 
 
-def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str) -> datetime | None:
-    """Hand the committed job to the broker and record when (``enqueued_at``, returned).
-    Returns None when the broker did not take it (the job stays queued for the queued
-    sweep) or when ``enqueued_at`` could not be written (the sweep may then enqueue it a
-    second time, which the worker's claim makes harmless). Raises nothing."""
+def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str, claimed_at: datetime) -> bool:
+    """Hand the committed job, stored with ``enqueued_at`` = ``claimed_at``, to the broker.
+    When the broker does not take it, ``enqueued_at`` goes back to NULL
+    (``store.sweep.release_enqueue``) so that the queued sweep enqueues it once the broker
+    is back; returns whether the broker took it. Raises nothing: should even the release
+    fail, the sweep finds the job after ``LMFORGE_REQUEUE_AFTER_S`` (no message for it in
+    the broker)."""
     try:
         enqueuer.enqueue(job_id)
+        return True
     except Exception as exc:
         log.warning("the broker did not take job %s (%s: %s); it stays queued and is enqueued "
                     "when the broker is back", job_id, type(exc).__name__, exc)
-        return None
     try:
-        at = jobs.mark_enqueued(session, job_id)
+        release_enqueue(session, job_id, claimed_at)
         session.commit()
-        return at
     except SQLAlchemyError as exc:
         session.rollback()
-        log.warning("job %s was enqueued but enqueued_at was not recorded (%s)", job_id,
-                    type(exc).__name__)
-        return None
+        log.warning("enqueued_at of job %s was not cleared (%s); the queued sweep finds it "
+                    "after LMFORGE_REQUEUE_AFTER_S", job_id, type(exc).__name__)
+    return False
 
 
 def _out(session: Session, job: Job) -> JobOut:

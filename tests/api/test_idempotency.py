@@ -245,11 +245,11 @@ def test_a_key_stored_by_a_concurrent_request_after_the_check_wins(
     real_create = app_jobs.create_job
     inner: list[Any] = []
 
-    def create_after_a_rival(session: Session, job_spec: Any) -> Job:
+    def create_after_a_rival(session: Session, job_spec: Any, **kwargs: Any) -> Job:
         if not inner:  # request A: let request B through first
             inner.append(None)
             inner[0] = any_client.post("/v1/jobs", json=spec, headers={KEY: "k"})
-        return real_create(session, job_spec)
+        return real_create(session, job_spec, **kwargs)
 
     monkeypatch.setattr(app_jobs, "create_job", create_after_a_rival)
     a = any_client.post("/v1/jobs", json=spec, headers={KEY: "k"})

@@ -190,8 +190,7 @@ def test_a_successful_enqueue_records_enqueued_at(
     r = _create(client, small_spec(dataset_id))
     job = r.json()
     assert enqueuer.sent == [job["id"]]
-    at = datetime.fromisoformat(job["enqueued_at"])
-    assert at >= datetime.fromisoformat(job["created_at"])
+    assert datetime.fromisoformat(job["enqueued_at"]) >= datetime.fromisoformat(job["created_at"])
     assert client.get(f"/v1/jobs/{job['id']}").json()["enqueued_at"] == job["enqueued_at"]
 
 

@@ -18,6 +18,7 @@ from core.contract import CheckpointKind as K
 from store.db import session_scope
 from store.progress import claim_job, record_checkpoint
 from store.settings import Settings
+from store.sweep import sweep_queued
 from tests.api.conftest import RecordingEnqueuer, small_spec, upload
 
 # Safety net while the restarted server comes back, not a measured bound.
@@ -107,7 +108,8 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
     """The real Celery producer against a real Redis that is stopped: the job is stored
     ``queued`` with ``enqueued_at`` null (the queued sweep hands it over later), the answer is
     201 and comes back without hanging (kombu's bounded publish retries); ``/healthz`` says
-    the broker is down. Once Redis is back, the next submission is enqueued and stamped."""
+    the broker is down. Once Redis is back, the next submission is enqueued and stamped, and
+    the queued sweep (as the workers run it) enqueues the job that met the outage, once."""
     import redis
 
     from lmforge.processes import EmbeddedServerError, RedisServer, free_port
@@ -139,7 +141,15 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
             later = client.post("/v1/jobs", json=small_spec(ds_id))
             assert later.status_code == 201, later.text
             assert later.json()["enqueued_at"] is not None
-            messages = redis.Redis.from_url(broker.url).lrange(QUEUE, 0, -1)
+            queue = redis.Redis.from_url(broker.url)
+            messages = queue.lrange(QUEUE, 0, -1)
             assert len(messages) == 1 and later.json()["id"].encode() in messages[0]
+            enqueuer = client.app.state.enqueuer  # type: ignore[attr-defined]
+            factory = client.app.state.session_factory  # type: ignore[attr-defined]
+            swept = sweep_queued(factory, enqueuer, settings, inspector=None)
+            assert swept.queued == [r.json()["id"]]
+            assert client.get(f"/v1/jobs/{r.json()['id']}").json()["enqueued_at"] is not None
+            assert sweep_queued(factory, enqueuer, settings, inspector=None).queued == []
+            assert sum(r.json()["id"].encode() in m for m in queue.lrange(QUEUE, 0, -1)) == 1
     finally:
         broker.stop()
