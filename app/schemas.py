@@ -61,7 +61,7 @@ class AttemptOut(_FromRow):
     """One attempt at running a job (``job_attempts``), numbered from 1."""
 
     attempt: int
-    worker: str | None  # the Celery worker (hostname and pool process) that ran it
+    worker: str | None  # the worker process that ran it: "<hostname>:<pid>"
     started_at: datetime
     ended_at: datetime | None  # null while it runs
     resumed_from_step: int | None  # the checkpoint step it resumed from; null: from scratch
