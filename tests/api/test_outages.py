@@ -10,6 +10,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.deps import get_enqueuer
 from app.main import create_app
@@ -153,3 +161,33 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
             assert sum(r.json()["id"].encode() in m for m in queue.lrange(QUEUE, 0, -1)) == 1
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (OperationalError("SELECT 1", {}, Exception("database is locked")), 503, "database_busy"),
+        (PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"), 503,
+         "database_busy"),
+        (InterfaceError("SELECT 1", {}, Exception("connection already closed")), 503,
+         "database_unavailable"),
+        (DBAPIError("SELECT 1", {}, Exception("server closed the connection"),
+                    connection_invalidated=True), 503, "database_unavailable"),
+        (IntegrityError("INSERT", {}, Exception("duplicate key")), 500, "internal_error"),
+        (ProgrammingError("SELEC 1", {}, Exception("syntax error")), 500, "internal_error"),
+    ],
+)
+def test_which_database_errors_are_outages(
+    client: TestClient, exc: Exception, status: int, code: str
+) -> None:
+    """The classification in app.http_errors: a lost, refused, locked or exhausted database is
+    a 503 to retry; an integrity or programming error is a bug, 500."""
+    from app.deps import get_session
+
+    def failing() -> None:
+        raise exc
+
+    client.app.dependency_overrides[get_session] = failing  # type: ignore[attr-defined]
+    r = client.get("/v1/jobs")
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+    assert ("retry-after" in r.headers) == (status == 503)
