@@ -610,12 +610,12 @@ def _finished_count(stack: Stack, ids: set[str]) -> tuple[int, Counter[str]]:
 
 
 def _soak_loop(
-    stack: Stack, ids: set[str], main_pid: int, every: int
+    stack: Stack, ids: set[str], main_pid: int, every: int, start: dict[str, Any], t0: float
 ) -> tuple[list[dict[str, Any]], list[list[int | None]]]:
-    """Samples at the marks (0, 1, every, 2*every, ..., all), and a dense series
-    ``[jobs_done, main_rss_kib, pool_rss_kib]`` each time the count of finished jobs moved."""
-    t0 = time.monotonic()
-    samples = [_sample(main_pid, 0, t0)]
+    """Samples at the marks (``start``, taken before the first submission, then 1, every,
+    2*every, ..., all), and a dense series ``[jobs_done, main_rss_kib, pool_rss_kib]`` each
+    time the count of finished jobs moved."""
+    samples = [start]
     series: list[list[int | None]] = []
     marks = sorted({1, *range(every, len(ids) + 1, every), len(ids)})
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -668,13 +668,15 @@ def part_soak(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str,
         worker = stack.start_worker(0, 1)
         stack.start_api()
         ids: set[str] = set()
+        t_start = time.monotonic()
+        start = _sample(worker.pid, 0, t_start)
         with httpx.Client(base_url=stack.base_url, timeout=60) as client:
             for i in range(args.soak_jobs):
                 r = client.post("/v1/jobs", json=job_spec(f"soak-{backend}-{i:04d}", 20))
                 r.raise_for_status()
                 ids.add(r.json()["id"])
         t0 = time.perf_counter()
-        samples, series = _soak_loop(stack, ids, worker.pid, args.sample_every)
+        samples, series = _soak_loop(stack, ids, worker.pid, args.sample_every, start, t_start)
         wall = time.perf_counter() - t0
         _, by_status = _finished_count(stack, ids)
         errors = Counter(str(e) for i, st, e in stack.sql("SELECT id, status, error FROM jobs")
