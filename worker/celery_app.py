@@ -27,11 +27,13 @@ import logging
 import os
 import signal
 import threading
+import warnings
 from functools import partial
 from types import FrameType
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.exceptions import CPendingDeprecationWarning
 
 from store.queue import make_celery
 from store.settings import get_settings
@@ -39,6 +41,27 @@ from store.settings import get_settings
 log = logging.getLogger(__name__)
 
 celery = make_celery(get_settings(), include=["worker.tasks"])
+
+
+def _quiet_connection_loss_warning() -> None:
+    """We keep running tasks through a broker outage on purpose
+    (``worker_cancel_long_running_tasks_on_connection_loss=False``, store/queue.py); Celery
+    warns at every connection loss that its default changes in 6.0. Installed once the
+    worker's logging is set up (Celery's own ``always`` filters come first before that)."""
+    warnings.filterwarnings(
+        "ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+        category=CPendingDeprecationWarning)
+
+
+#: Set in the main process by the first shutdown signal (:class:`ForwardShutdown`): the sweeps
+#: stop, since a job the shutdown interrupts is queued again before its message goes back to
+#: the broker, and a sweep in between would enqueue it a second time.
+_stopping = False
+
+
+def stopping() -> bool:
+    """Whether this worker's main process has begun to shut down."""
+    return _stopping
 
 
 class OrphanSweep(bootsteps.StartStopStep):
@@ -52,6 +75,7 @@ class OrphanSweep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         from store.sweep import sweep_interval_s
 
+        _quiet_connection_loss_warning()
         interval = sweep_interval_s(get_settings())
         self._sweep()
         self.tref = parent.timer.call_repeatedly(interval, self._sweep, priority=10)
@@ -65,6 +89,8 @@ class OrphanSweep(bootsteps.StartStopStep):
     def _sweep() -> None:
         from worker.tasks import sweep_orphaned_jobs
 
+        if _stopping:
+            return
         try:
             sweep_orphaned_jobs()
         except Exception as exc:  # the database or Redis may be down; try again next tick
@@ -108,6 +134,8 @@ class ForwardShutdown(bootsteps.StartStopStep):
     def _forward(parent: Any, previous: Any, signum: int, frame: FrameType | None) -> None:
         # In a signal handler: no logging, no locks. Celery's handler (called last) installs
         # its next handler for this signal, so each signal is forwarded once.
+        global _stopping
+        _stopping = True
         for pid in _pool_pids(getattr(parent, "pool", None)):
             try:
                 os.kill(pid, SHUTDOWN_SIGNAL)

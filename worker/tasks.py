@@ -37,7 +37,7 @@ from store.sweep import (
     sweep_all,
 )
 from worker import oom
-from worker.celery_app import SHUTDOWN, celery
+from worker.celery_app import SHUTDOWN, celery, stopping
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def on_pool_process_lost(
     log.warning("job %s: pool process %d died (signal %s) in attempt %d; handing it back",
                 job_id, pid, signum, attempt)
     if expired:
-        sweep_orphaned_jobs()
+        sweep_orphaned_jobs(queued=not stopping())
     return JobStatus.RUNNING if expired else None
 
 
@@ -169,14 +169,14 @@ def _inspector(redis_url: str) -> RedisQueueInspector | None:
     return RedisQueueInspector(redis_url)
 
 
-def sweep_orphaned_jobs(settings: Settings | None = None) -> SweepResult:
-    """Both sweeps (:func:`store.sweep.sweep_all`): re-enqueue the jobs of dead workers and
-    the queued jobs whose message is lost. Called in the worker's main process by the
-    ``OrphanSweep`` step and by :func:`on_pool_process_lost`. Raises when the database or
-    the broker does not answer (the caller logs it; the next tick tries again)."""
+def sweep_orphaned_jobs(settings: Settings | None = None, *, queued: bool = True) -> SweepResult:
+    """The sweeps (:func:`store.sweep.sweep_all`): re-enqueue the jobs of dead workers and,
+    with ``queued``, the queued jobs whose message is lost. Called in the worker's main
+    process by the ``OrphanSweep`` step and by :func:`on_pool_process_lost`. Raises when the
+    database or the broker does not answer (the caller logs it; the next tick tries again)."""
     settings = settings or get_settings()
     result = sweep_all(session_factory(), CeleryEnqueuer(celery), settings,
-                       _inspector(settings.redis_url), queued=True)
+                       _inspector(settings.redis_url), queued=queued)
     if result.orphans:
         log.warning("re-enqueued orphaned jobs: %s", ", ".join(result.orphans))
     return result
