@@ -498,3 +498,36 @@ def test_mark_enqueued_is_only_for_queued_jobs(env: Env) -> None:
     enqueued_at = env.get(queued).enqueued_at
     assert enqueued_at is not None and enqueued_at > ago(60)
     assert env.get(running).enqueued_at is None
+
+
+def test_a_dead_pool_process_expires_only_its_own_attempts_lease(env: Env) -> None:
+    from store.sweep import expire_lease, running_attempt
+
+    job_id = env.job(S.RUNNING, attempts=2, heartbeat_at=utcnow(), worker_id="h:7")
+    with session_scope(env.factory) as s:
+        assert running_attempt(s, job_id, "h:8") is None  # another process: not its job
+        assert running_attempt(s, job_id, "h:7") == 2
+        assert not expire_lease(s, job_id, 1)  # an older attempt's death changes nothing
+    assert env.get(job_id).heartbeat_at is not None
+    with session_scope(env.factory) as s:
+        assert expire_lease(s, job_id, 2)
+    assert env.get(job_id).heartbeat_at is None
+    # The sweep takes it at once, though the lease (30 s) has not run out.
+    assert sweep_all(env.factory, env.enqueuer(), env.settings).orphans == [job_id]
+
+
+def test_an_oom_killed_attempt_fails_the_job_or_cancels_it_if_asked(env: Env) -> None:
+    from store.sweep import fail_attempt
+
+    error = {"code": "out_of_memory", "message": "killed", "retryable": False,
+             "phase": "train"}
+    oom_job = env.job(S.RUNNING, attempts=1, heartbeat_at=utcnow(), progress={"step": 7})
+    asked = env.job(S.RUNNING, attempts=1, heartbeat_at=utcnow(), cancel_requested=True)
+    with session_scope(env.factory) as s:
+        start_attempt(s, oom_job, 1, "h:1")
+        assert fail_attempt(s, oom_job, 2, error, "out_of_memory") is None  # not that attempt
+        assert fail_attempt(s, oom_job, 1, error, "out_of_memory") == S.FAILED
+        assert fail_attempt(s, asked, 1, error, "out_of_memory") == S.CANCELLED
+    assert env.get(oom_job).error == {**error, "step": 7}
+    with session_scope(env.factory) as s:
+        assert s.get_one(JobAttempt, (oom_job, 1)).outcome == "out_of_memory"

@@ -152,7 +152,17 @@ class Stack:
         assert proctree.wait_gone(tree) == set()
 
     def pool_pids(self, name: str) -> set[int]:
-        return proctree.descendants(self.workers[name].pid)
+        """The worker's pool processes: the direct children of its main process."""
+        main = self.workers[name].pid
+        out = set()
+        for pid in proctree.descendants(main):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == main:
+                out.add(pid)
+        return out
 
     def logs(self, lines: int = 80) -> str:
         out = []
