@@ -34,33 +34,86 @@ StopReason = Literal[
 ]
 
 # Machine-readable error codes of a job that cannot run. Each comes with a message a person can
-# act on.
+# act on, whether an unchanged retry may succeed (``retryable``), the phase it happened in and
+# the step (docs/operations.md, "Failures and their codes").
 ERROR_CODES = (
-    "non_finite_loss",  # loss or gradient became NaN/inf; the last good checkpoint is kept
-    "corpus_too_small",  # a split is shorter than one batch of batch_size x (seq_len + 1) tokens
-    "dataset_error",  # a dataset is missing, unreadable or not UTF-8 text
-    "invalid_checkpoint",  # a checkpoint failed its sha256 or cannot be loaded
-    "device_unavailable",  # device "cuda" asked for on a machine without CUDA
     "invalid_spec",  # the spec cannot be run (e.g. pretrained embeddings of the wrong width)
+    "dataset_error",  # a dataset is missing, unreadable or not UTF-8 text
+    "corpus_too_small",  # a split is shorter than one batch of batch_size x (seq_len + 1) tokens
+    "non_finite_loss",  # loss or gradient became NaN/inf; the last good checkpoint is kept
+    "out_of_memory",  # the device or the host ran out of memory (a smaller batch/model fits)
+    "device_unavailable",  # device "cuda" asked for on a machine without CUDA
+    "invalid_checkpoint",  # a checkpoint failed its sha256 or cannot be loaded
+    "timeout",  # training.max_duration_s passed; the last checkpoint is kept
     "worker_lost",  # the job's worker died too many times (set by the service, not the engine)
-    "internal_error",  # a bug: anything else
+    "enqueue_failed",  # jobs failed before issue 8 when the broker refused them (no longer set)
+    "internal",  # a bug or an outage that outlasted the retries: anything else
 )
+
+# Whether the same job, submitted again unchanged, may succeed: a fault of the machine or of
+# the moment (a lost worker, a missing device, an outage) rather than of the spec or the data.
+RETRYABLE: dict[str, bool] = {
+    "invalid_spec": False,
+    "dataset_error": False,
+    "corpus_too_small": False,
+    "non_finite_loss": False,
+    "out_of_memory": False,
+    "device_unavailable": True,
+    "invalid_checkpoint": False,
+    "timeout": False,
+    "worker_lost": True,
+    "enqueue_failed": True,
+    "internal": True,
+}
+
+# Where a failure happened: reading the data and building the model, training steps,
+# evaluation (validation, the fresh-state check, the test split), or saving a checkpoint.
+Phase = Literal["prepare", "train", "evaluate", "checkpoint"]
 
 
 class TrainingError(Exception):
-    """A job that cannot run or cannot continue. ``code`` is one of :data:`ERROR_CODES`."""
+    """A job that cannot run or cannot continue. ``code`` is one of :data:`ERROR_CODES`;
+    ``retryable`` defaults to :data:`RETRYABLE` of the code; ``phase`` and ``step`` say where
+    (None when not known yet: the runner fills them in)."""
 
-    def __init__(self, code: str, message: str, step: int | None = None) -> None:
+    def __init__(self, code: str, message: str, step: int | None = None, *,
+                 phase: Phase | None = None, retryable: bool | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.step = step
+        self.phase = phase
+        self.retryable = RETRYABLE.get(code, False) if retryable is None else retryable
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.step is not None:
-            out["step"] = self.step
-        return out
+        """``{code, message, retryable, phase, step}``: a job's ``error`` as stored and
+        returned by the API."""
+        return {"code": self.code, "message": self.message, "retryable": self.retryable,
+                "phase": self.phase, "step": self.step}
+
+
+def mark_failure_site(exc: BaseException, phase: str, step: int | None) -> None:
+    """Record on ``exc`` where the engine was when it was raised (the first record wins), so
+    that the caller can explain an unexpected exception (``internal``) with its phase and
+    step. A :class:`TrainingError` gets its ``phase``/``step`` filled in instead."""
+    if isinstance(exc, TrainingError):
+        if exc.phase is None:
+            exc.phase = phase  # type: ignore[assignment]
+        if exc.step is None:
+            exc.step = step
+    elif getattr(exc, "_lmforge_site", None) is None:
+        try:
+            exc._lmforge_site = (phase, step)  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__
+            pass
+
+
+def failure_site(exc: BaseException) -> tuple[str | None, int | None]:
+    """The ``(phase, step)`` :func:`mark_failure_site` recorded on ``exc``, or (None, None)."""
+    if isinstance(exc, TrainingError):
+        return exc.phase, exc.step
+    site = getattr(exc, "_lmforge_site", None)
+    return site if site is not None else (None, None)
 
 
 @dataclass
@@ -158,13 +211,20 @@ class TrainingHooks(Protocol):
     """Side effects of a run, injected by the caller."""
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
-        """Called with consecutive steps, in order, every ``training.log_interval`` steps and
-        at the end. Each step is reported exactly once per run (or resume)."""
+        """Called with consecutive steps, in order, every ``training.log_interval`` steps,
+        before each checkpoint and at the end. Each step is reported once per run (or
+        resume), with one exception: a run resumed from a checkpoint whose validation was
+        interrupted (:meth:`should_stop` during it) reports that checkpoint's step again,
+        now with its ``val_*`` values; keep rows by step, the later report replacing the
+        earlier."""
 
     def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
         """Persist a checkpoint (``best`` replaces the previous best, ``last`` the previous
         last; ``periodic`` ones are kept up to ``training.keep_checkpoints``)."""
 
     def should_stop(self) -> bool:
-        """Polled at every metrics flush; True ends the run with stop_reason ``cancelled``
-        after a ``last`` checkpoint is saved."""
+        """Polled after every step and between evaluation batches, so it must be cheap (read a
+        flag); True ends the run with stop_reason ``cancelled`` after a ``last`` checkpoint
+        is saved. A stop during a validation leaves that validation to the resumed run, which
+        reports the checkpoint's step again with its validation values (see
+        :meth:`on_metrics`)."""

@@ -156,8 +156,28 @@ class TrainingSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int | None = Field(default=None, ge=1, le=1024)
-    checkpoint_interval: int | None = Field(default=None, ge=1)
+    # Resumable by default: a ``periodic`` checkpoint (full state, exact resume) is written
+    # every ``checkpoint_interval`` steps and whenever ``checkpoint_every_s`` seconds of the
+    # run have passed since the last full checkpoint, whichever comes first, so a worker
+    # killed at any point loses at most that much work. None turns either bound off (both
+    # None: a job keeps only the ``last`` checkpoint of a run that stops normally).
+    checkpoint_interval: int | None = Field(
+        default=1000, ge=1,
+        description="Write a resumable 'periodic' checkpoint every this many steps (None: no "
+                    "step bound).")
+    checkpoint_every_s: float | None = Field(
+        default=300.0, gt=0,
+        description="Also write one once this many wall-clock seconds of the run (training, "
+                    "evaluation and checkpoints) have passed since the last full checkpoint "
+                    "(None: no time bound).")
     keep_checkpoints: int = Field(default=3, ge=1, le=1000)
+    # A wall-clock budget: past it the job fails with ``timeout`` (it keeps a ``last``
+    # checkpoint). Unlike ``max_runtime_s``, which ends a run successfully, this is a limit.
+    max_duration_s: float | None = Field(
+        default=None, gt=0,
+        description="Fail the job with error code 'timeout' once its run has taken this many "
+                    "wall-clock seconds (counted as max_runtime_s counts them, across "
+                    "resumes), keeping a 'last' checkpoint. None: no limit.")
     # Per-step losses stay on the device and are flushed to the reporter every this many steps
     # (each step still gets its own metric row).
     log_interval: int = Field(default=10, ge=1, le=10_000)

@@ -5,94 +5,27 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.datasets import add_dataset, new_dataset_id, storage_key
-from app.jobs import create_job
-from core.corpora import find_corpus
-from core.spec import JobSpec, TokenizerSpec
-from core.textstats import text_stats
-from store.db import make_engine, make_session_factory, session_scope, upgrade_database
-from store.models import Checkpoint, Job, JobStatus, Metric, utcnow
-from store.settings import Settings
-from store.storage import LocalStorage
+from app.datasets import storage_key
+from core.spec import TokenizerSpec
+from store.db import session_scope
+from store.models import Job, JobStatus, Metric, utcnow
 from store.sweep import sweep_and_requeue, sweep_orphans
+from tests.support.jobenv import Env, corpus_text, make_env
 from worker.engine.tokenizers import build_tokenizer
 from worker.runner import run_job
 
-SHAKESPEARE = find_corpus("tinyshakespeare/input.txt")
-
-
-def _corpus() -> str:
-    if SHAKESPEARE is not None:
-        return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
-    from core.corpora import builtin_corpus
-
-    return builtin_corpus("python-docs")[:20_000]
-
-
-@dataclass
-class Env:
-    factory: sessionmaker[Session]
-    storage: LocalStorage
-    settings: Settings
-    dataset_id: str
-
-    def submit(self, tokenizer: str = "char", **training: Any) -> str:
-        spec = JobSpec.model_validate({
-            "dataset_id": self.dataset_id,
-            "tokenizer": {"kind": tokenizer, "vocab_size": 300},
-            "model": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1},
-            "training": {"batch_size": 4, "seq_len": 16, "max_steps": 12, "eval_interval": 6,
-                         "log_interval": 4, **training},
-        })
-        with session_scope(self.factory) as s:
-            return create_job(s, spec).id
-
-    def run(self, job_id: str) -> None:
-        run_job(job_id, session_factory=self.factory, storage=self.storage,
-                settings=self.settings, worker_id="test")
-
-    def job(self, job_id: str) -> Job:
-        with session_scope(self.factory) as s:
-            return s.get_one(Job, job_id)
-
-    def train_losses(self, job_id: str) -> list[float]:
-        with session_scope(self.factory) as s:
-            rows = s.scalars(select(Metric).where(Metric.job_id == job_id)
-                             .order_by(Metric.step))
-            return [float(r.values["train_loss"]) for r in rows]
-
-    def steps(self, job_id: str) -> list[int]:
-        with session_scope(self.factory) as s:
-            return list(s.scalars(select(Metric.step).where(Metric.job_id == job_id)
-                                  .order_by(Metric.step)))
-
-    def checkpoints(self, job_id: str) -> list[Checkpoint]:
-        with session_scope(self.factory) as s:
-            return list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                                  .order_by(Checkpoint.kind)))
+_corpus = corpus_text
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    settings = Settings(LMFORGE_HOME=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'r.db'}")
-    upgrade_database(settings.sqlalchemy_url)
-    factory = make_session_factory(make_engine(settings.sqlalchemy_url))
-    storage = LocalStorage(settings.storage_dir)
-    text = _corpus()
-    ds = new_dataset_id()
-    size, sha = storage.put_bytes(storage_key(ds), text.encode())
-    with session_scope(factory) as s:
-        add_dataset(s, ds, "corpus", size, sha, text_stats(text))
-    return Env(factory, storage, settings, ds)
+    return make_env(tmp_path)
 
 
 def test_run_job_succeeds_with_each_step_once_and_checkpoints_stored(env: Env) -> None:
@@ -271,8 +204,10 @@ def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt
     job = env.job(job_id)
     assert (job.status, job.attempts, job.worker_id, job.finished_at, job.result) == (
         JobStatus.QUEUED, 0, None, None, None)
-    assert env.steps(job_id) == [1, 2]
-    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]
+    # should_stop is polled after every step: the shutdown is seen after step 1, not at the
+    # first metrics flush (log_interval 2).
+    assert env.steps(job_id) == [1]
+    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 1)]
 
     env.run(job_id)  # the next worker
     job = env.job(job_id)
@@ -302,4 +237,4 @@ def test_a_requested_cancel_wins_over_a_shutdown(env: Env) -> None:
     assert status == JobStatus.CANCELLED
     job = env.job(job_id)
     assert (job.status, job.attempts) == (JobStatus.CANCELLED, 1)
-    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 2)]
+    assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 1)]

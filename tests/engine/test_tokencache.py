@@ -402,7 +402,7 @@ def test_resume_from_the_cache_continues_exactly(small_text: str, tmp_path: Path
     sources = CorpusSources(TextSource.from_text(small_text))
     full = RecordingHooks()
     train_sources(spec, sources, full, cache_dir=tmp_path)
-    cancelled = RecordingHooks(stop_when=lambda rows: rows[-1].step >= 10)
+    cancelled = RecordingHooks(stop_when=lambda rows: bool(rows) and rows[-1].step >= 10)
     train_sources(spec, sources, cancelled, cache_dir=tmp_path)
     resumed = RecordingHooks()
     train_sources(spec, sources, resumed, resume_from=cancelled.last("last").data,

@@ -36,7 +36,7 @@ def test_resume_after_cancel_reproduces_the_uninterrupted_metrics(small_text: st
     texts = CorpusTexts(train=small_text)
     full = RecordingHooks()
     full_result = train(spec, texts, full)
-    cancelled = RecordingHooks(stop_when=lambda rows: rows[-1].step >= 15)
+    cancelled = RecordingHooks(stop_when=lambda rows: bool(rows) and rows[-1].step >= 15)
     first = train(spec, texts, cancelled)
     assert first.stop_reason == "cancelled" and cancelled.last("last").step == 15
     resumed = RecordingHooks()

@@ -9,13 +9,14 @@ windows :func:`worker.engine.data.eval_windows` builds one at a time).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from worker.engine.data import eval_windows
-from worker.engine.model import LSTMLanguageModel
+from worker.engine.model import Hidden, LSTMLanguageModel
 
 LN2 = math.log(2.0)
 
@@ -28,6 +29,10 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
+
+
+class EvalInterrupted(Exception):
+    """An evaluation stopped between two batches because its ``should_stop`` said so."""
 
 
 @dataclass
@@ -43,7 +48,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_len: int,
              device: torch.device, char_level: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> EvalResult:
+             autocast_dtype: torch.dtype | None = None,
+             should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Evaluate ``model`` on the token stream ``ids`` (N,), N >= 2: ``int64``, or a token
     file's ``int16``/``int32`` view (:func:`worker.engine.data.token_tensor`), on the CPU.
 
@@ -51,7 +57,11 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
     windows of ``seq_len`` with the hidden state carried (:func:`eval_windows`: each window is
     widened to ``int64`` when it is read, so a split is never copied whole as ``int64``; on
     CUDA the split is moved to the device once in its own dtype). ``bpc = loss / ln 2`` when
-    ``char_level`` (one token per character), else None. Leaves the model in train mode.
+    ``char_level`` (one token per character), else None. Leaves the model in the mode it
+    found it in.
+
+    ``should_stop`` is polled before each batch; when it returns True the evaluation is
+    abandoned with :class:`EvalInterrupted` (the model's mode restored first).
     """
     was_training = model.training
     model.eval()
@@ -63,21 +73,16 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     hidden = None
-    for x, y_window in eval_windows(ids, batch_size, seq_len):
-        y = y_window.reshape(-1)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
-            logits, hidden = model(x, hidden)
-        logits = logits.reshape(-1, vocab).float()  # (batch * seq, vocab)
-        total += F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").double()
-        mask = y != -100
-        best = logits.topk(k, dim=-1).indices  # (batch * seq, k)
-        hit = best == y.unsqueeze(1)
-        top1 += (hit[:, 0] & mask).sum()
-        top5 += (hit.any(dim=1) & mask).sum()
+    try:
+        for x, y_window in eval_windows(ids, batch_size, seq_len):
+            if should_stop is not None and should_stop():
+                raise EvalInterrupted()
+            hidden = _eval_batch(model, x, y_window, hidden, vocab, k, total, top1, top5,
+                                 autocast_dtype)
+    finally:
+        model.train(was_training)
     n = ids.numel() - 1  # every token but the first is predicted once
     loss = float(total) / n
-    model.train(was_training)
     return EvalResult(
         loss=loss,
         ppl=perplexity(loss),
@@ -86,3 +91,23 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
         top5_accuracy=int(top5) / n,
         tokens=n,
     )
+
+
+def _eval_batch(model: LSTMLanguageModel, x: torch.Tensor, y_window: torch.Tensor,
+                hidden: Hidden | None, vocab: int, k: int, total: torch.Tensor,
+                top1: torch.Tensor, top5: torch.Tensor,
+                autocast_dtype: torch.dtype | None) -> Hidden:
+    """One window: adds its summed loss and top-1/top-k hits to the accumulators in place;
+    returns the hidden state to carry."""
+    y = y_window.reshape(-1)
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        logits, new_hidden = model(x, hidden)
+    logits = logits.reshape(-1, vocab).float()  # (batch * seq, vocab)
+    total += F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").double()
+    mask = y != -100
+    best = logits.topk(k, dim=-1).indices  # (batch * seq, k)
+    hit = best == y.unsqueeze(1)
+    top1 += (hit[:, 0] & mask).sum()
+    top5 += (hit.any(dim=1) & mask).sum()
+    return new_hidden

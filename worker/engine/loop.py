@@ -6,7 +6,13 @@ Everything about a run's progress beyond the weights and the optimizer lives in 
 whole (:meth:`LoopState.checkpoint_parts`, :meth:`LoopState.restore`).
 
 Per-step losses and gradient norms stay on the device and are read once per flush
-(``training.log_interval``), so CUDA never waits on the host each step. A non-finite loss or
+(``training.log_interval``), so CUDA never waits on the host each step. ``hooks.should_stop``
+is polled after every step and between evaluation batches (it reads a flag), so a cancel or a
+shutdown is noticed within one step or one evaluation batch of the caller's flag changing.
+A resumable (``periodic``) checkpoint is written every ``training.checkpoint_interval`` steps
+and whenever ``training.checkpoint_every_s`` seconds have passed since the last one: the loop
+pauses for its serialisation and the hooks' write, nothing else (no evaluation, no extra sync
+beyond the one reading the pending steps' metrics). A non-finite loss or
 gradient norm is caught before it touches the weights: on the CPU by a per-step check (a host
 read is free there), on CUDA by the fused optimizer's ``found_inf`` flag, which skips the
 update on the device (sticky until the flush that reports the failure).
@@ -17,19 +23,28 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from core.contract import CheckpointBlob, CheckpointKind, StepMetrics, StopReason, TrainingError
+from core.contract import (
+    CheckpointBlob,
+    CheckpointKind,
+    Phase,
+    StepMetrics,
+    StopReason,
+    TrainingError,
+    mark_failure_site,
+)
 from core.contract import TrainingHooks as Hooks
 from core.spec import JobSpec
 from worker.engine.checkpoint import LoadedCheckpoint, save_checkpoint
 from worker.engine.data import Corpus, TrainBatches
-from worker.engine.evaluate import EvalResult, evaluate
+from worker.engine.evaluate import EvalInterrupted, EvalResult, evaluate
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokenizers import Tokenizer
@@ -63,6 +78,10 @@ class LoopState:
     # The training losses of the last reported steps (nats/token), for the fresh-state check.
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS),
                                         repr=False)
+    # The metric row (as reported, without validation values) of the current step when its
+    # validation was interrupted by a stop: the resumed run validates that step first and
+    # reports the row again with the values. None otherwise.
+    unvalidated_row: dict[str, Any] | None = None
 
     def trainer_state(self, batches: TrainBatches, runtime_s: float) -> dict[str, Any]:
         """The JSON part of a checkpoint (``trainer_state`` in its header)."""
@@ -77,6 +96,7 @@ class LoopState:
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state(),
             "recent_losses": list(self.recent_losses),
+            "unvalidated_row": self.unvalidated_row,
         }
 
     def restore(self, ckpt: LoadedCheckpoint, device: torch.device) -> None:
@@ -92,6 +112,7 @@ class LoopState:
         self.schedule.load(ts["schedule"])
         self.stopper.load(ts["early_stopping"])
         self.recent_losses.extend(ts.get("recent_losses", ()))  # absent before this field
+        self.unvalidated_row = ts.get("unvalidated_row")
         self.best_weights = ({k: v.to(device) for k, v in ckpt.best_state.items()}
                              if ckpt.best_state else None)
         self.hidden = (None if ckpt.hidden is None
@@ -155,6 +176,11 @@ class TrainLoop:
         self.start_step = self.state.step
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._bad = torch.zeros((), device=self.device)  # CUDA: sticky non-finite flag
+        # Why the run is being halted from outside the stopping rules: "cancelled"
+        # (should_stop said so) or "timeout" (training.max_duration_s passed); sticky.
+        self.halt: str | None = None
+        self._eval_interrupted_at: int | None = None  # the step whose validation was cut
+        self._last_full_checkpoint = 0.0  # clock.elapsed() at the last resumable checkpoint
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -169,19 +195,74 @@ class TrainLoop:
         tokens = (self.state.step - self.start_step) * self.batches.tokens_per_batch
         return tokens / max(self.clock.final_train_time or self.clock.train_time(), 1e-9)
 
+    def poll(self) -> bool:
+        """Whether the run must halt now: ``hooks.should_stop()`` (a cancel or a shutdown) or
+        the ``training.max_duration_s`` budget spent. Cheap: called after every step and
+        before every evaluation batch. Sets :attr:`halt` (sticky)."""
+        if self.halt is None:
+            limit = self.spec.training.max_duration_s
+            if self.hooks.should_stop():
+                self.halt = "cancelled"
+            elif limit is not None and self.state.runtime_before + self.clock.elapsed() >= limit:
+                self.halt = "timeout"
+        return self.halt is not None
+
+    def timeout_error(self) -> TrainingError:
+        limit = self.spec.training.max_duration_s
+        return TrainingError(
+            "timeout",
+            f"the run took longer than training.max_duration_s = {limit} s and was stopped at "
+            f"step {self.state.step}; its last checkpoint (step {self.state.step}) was kept. "
+            f"Raise max_duration_s, or resubmit with a smaller budget (training.max_steps).",
+            self.state.step, phase="train")
+
+    @contextmanager
+    def site(self, phase: Phase, step: int) -> Iterator[None]:
+        """Label an exception raised inside with where it happened (first label wins)."""
+        try:
+            yield
+        except BaseException as exc:
+            mark_failure_site(exc, phase, step)
+            raise
+
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> StopReason:
-        """Train until a stopping rule holds; returns the stop reason. Saves ``last``."""
+        """Train until a stopping rule holds; returns the stop reason. Saves ``last``.
+        Raises ``TrainingError("timeout")`` (after saving ``last``) when
+        ``training.max_duration_s`` passes."""
         self.model.train()
         # A run resumed from a checkpoint taken when a budget already held trains no more.
         stop = self._budget_stop(self.state.step) if self.state.step > 0 else None
+        if self.state.unvalidated_row is not None:
+            stop = self._finish_interrupted_validation(stop)
         while stop is None:
             step = self.state.step + 1
-            self._train_step(step)
+            with self.site("train", step):
+                self._train_step(step)
             stop = self._after_step(step)
         self.clock.final_train_time = self.clock.train_time()
         self._checkpoint(CheckpointKind.LAST)
+        if self.halt == "timeout":
+            raise self.timeout_error()
         return stop
+
+    def _finish_interrupted_validation(self, stop: StopReason | None) -> StopReason | None:
+        """The resumed step's validation, interrupted in the previous run: run it (with its
+        effects on the schedule, early stopping and the best checkpoint) and report the
+        step's row again with its values, as the uninterrupted run did."""
+        step, row = self.state.step, self.state.unvalidated_row
+        assert row is not None
+        try:
+            early = self._validate(step)
+        except EvalInterrupted:
+            return "cancelled"
+        val = self.vals.pop(step)
+        metrics = StepMetrics(**row)
+        metrics.val_loss, metrics.val_ppl, metrics.val_bpc = val.loss, val.ppl, val.bpc
+        metrics.val_accuracy, metrics.val_top5_accuracy = val.accuracy, val.top5_accuracy
+        self.state.unvalidated_row = None
+        self.hooks.on_metrics([metrics])
+        return stop or ("early_stopping" if early else None)
 
     def _train_step(self, step: int) -> None:
         """One truncated-BPTT step: forward from the carried (detached) hidden state, backward,
@@ -232,18 +313,35 @@ class TrainLoop:
 
     def _after_step(self, step: int) -> StopReason | None:
         """Validation, periodic checkpoint and metrics flush due after ``step``; the stop
-        reason when a stopping rule holds (a budget, early stopping, or ``should_stop``)."""
+        reason when a stopping rule holds (a budget, early stopping) or the run must halt
+        (:meth:`poll`: ``cancelled``, also for a timeout, which :meth:`run` raises). A halt
+        during the validation leaves it to the resumed run (``unvalidated_row``)."""
         t = self.spec.training
         stop = self._budget_stop(step)
-        if (step % t.eval_interval == 0 or stop is not None) and self._validate(step):
-            stop = stop or "early_stopping"
-        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
+        if step % t.eval_interval == 0 or stop is not None:
+            try:
+                if self._validate(step):
+                    stop = stop or "early_stopping"
+            except EvalInterrupted:
+                self._eval_interrupted_at = step
+                return "cancelled"
+        if self._periodic_due(step, stop is not None):
             self._checkpoint(CheckpointKind.PERIODIC)
         if step % t.log_interval == 0 or stop is not None:
             self._flush()
-            if stop is None and self.clock.timed(self.hooks.should_stop):
-                stop = "cancelled"
+        if stop is None and self.poll():
+            stop = "cancelled"
         return stop
+
+    def _periodic_due(self, step: int, stopping: bool) -> bool:
+        """``checkpoint_interval`` divides ``step``, or (unless the run is stopping: its
+        ``last`` checkpoint follows) ``checkpoint_every_s`` seconds have passed since the last
+        resumable checkpoint of this run (or its start)."""
+        t = self.spec.training
+        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
+            return True
+        return (not stopping and t.checkpoint_every_s is not None
+                and self.clock.elapsed() - self._last_full_checkpoint >= t.checkpoint_every_s)
 
     def _budget_stop(self, step: int) -> StopReason | None:
         t = self.spec.training
@@ -262,9 +360,10 @@ class TrainLoop:
     def _validate(self, step: int) -> bool:
         """Evaluate the validation split; save ``best`` on a new best. True: stop early."""
         t, s = self.spec.training, self.state
-        res = self.clock.timed(evaluate, self.model, self.corpus.validation, t.batch_size,
-                               t.seq_len, self.device, self.tokenizer.kind == "char",
-                               self.autocast_dtype)
+        with self.site("evaluate", step):
+            res = self.clock.timed(evaluate, self.model, self.corpus.validation, t.batch_size,
+                                   t.seq_len, self.device, self.tokenizer.kind == "char",
+                                   self.autocast_dtype, self.poll)
         self.vals[step] = res
         s.final_val_loss = res.loss
         s.schedule.on_eval(res.loss)
@@ -284,20 +383,23 @@ class TrainLoop:
         t0 = time.perf_counter()
         s = self.state
         full = kind != CheckpointKind.BEST
-        data = save_checkpoint(
-            kind, self.spec, self.model, self.tokenizer,
-            s.trainer_state(self.batches, s.runtime_before + self.clock.elapsed()),
-            optimizer=self.optimizer if full else None,
-            hidden=_detach(s.hidden) if full else None,
-            rng_cpu=rng_cpu,
-            best_state=s.best_weights if full else None,
-        )
-        metrics: dict[str, Any] = {"step": s.step}
-        if s.final_val_loss is not None:
-            metrics["val_loss"] = s.final_val_loss
-        if not math.isinf(s.best_val_loss):
-            metrics["best_val_loss"] = s.best_val_loss
-        self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
+        with self.site("checkpoint", s.step):
+            data = save_checkpoint(
+                kind, self.spec, self.model, self.tokenizer,
+                s.trainer_state(self.batches, s.runtime_before + self.clock.elapsed()),
+                optimizer=self.optimizer if full else None,
+                hidden=_detach(s.hidden) if full else None,
+                rng_cpu=rng_cpu,
+                best_state=s.best_weights if full else None,
+            )
+            metrics: dict[str, Any] = {"step": s.step}
+            if s.final_val_loss is not None:
+                metrics["val_loss"] = s.final_val_loss
+            if not math.isinf(s.best_val_loss):
+                metrics["best_val_loss"] = s.best_val_loss
+            self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
+        if full:
+            self._last_full_checkpoint = self.clock.elapsed()
         self.clock.excluded += time.perf_counter() - t0
 
     def _flush(self) -> None:
@@ -337,6 +439,8 @@ class TrainLoop:
         if val is not None:
             row.val_loss, row.val_ppl, row.val_bpc = val.loss, val.ppl, val.bpc
             row.val_accuracy, row.val_top5_accuracy = val.accuracy, val.top5_accuracy
+        elif p.step == self._eval_interrupted_at:
+            self.state.unvalidated_row = row.as_dict()
         return row
 
     def _fail(self, step: int, hidden: Hidden | None, rng_before: torch.Tensor | None,
@@ -351,5 +455,5 @@ class TrainLoop:
             f"the training loss ({loss}) or gradient norm ({norm}) is not finite at step "
             f"{step}; the last good checkpoint (step {step - 1}) was kept. Lower "
             f"optimizer.lr, set training.grad_clip, or check the data.",
-            step,
+            step, phase="train",
         )

@@ -10,21 +10,31 @@ resumed run reports the same metrics as an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from core.contract import CorpusTexts, StopReason, TrainingError, TrainingHooks, TrainingResult
+from core.contract import (
+    CorpusTexts,
+    StopReason,
+    TrainingError,
+    TrainingHooks,
+    TrainingResult,
+    failure_site,
+    mark_failure_site,
+)
 from core.sources import CorpusSources
 from core.spec import JobSpec, OptimizerSpec
 from worker.engine.checkpoint import LoadedCheckpoint, load_checkpoint
 from worker.engine.data import Corpus, TrainBatches, batchify, corpus_from_prepared
 from worker.engine.embeddings import load_pretrained
-from worker.engine.evaluate import EvalResult, evaluate, perplexity
+from worker.engine.evaluate import EvalInterrupted, EvalResult, evaluate, perplexity
 from worker.engine.loop import LoopState, TrainLoop
 from worker.engine.model import LSTMLanguageModel, ModelConfig, build_model
 from worker.engine.schedule import EarlyStopping, LRSchedule
@@ -48,6 +58,64 @@ def resolve_device(name: str) -> torch.device:
                             f"device {name!r} was asked for but CUDA is not available here; "
                             f"use 'auto' or 'cpu'")
     return dev
+
+
+#: What an out-of-memory failure says to do about it.
+OOM_ADVICE = ("Lower training.batch_size or training.seq_len, or train a smaller model "
+              "(model.hidden_dim, model.num_layers, model.embed_dim; for word/bpe tokenizers "
+              "a smaller vocabulary: tokenizer.max_vocab / tokenizer.vocab_size).")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or host allocation failure: ``torch.OutOfMemoryError`` (CUDA), ``MemoryError``
+    (Python, numpy), or a ``RuntimeError`` from an allocator ("can't allocate memory" from
+    the CPU allocator, "out of memory" from CUDA paths that raise a plain ``RuntimeError``,
+    cuBLAS's ``CUBLAS_STATUS_ALLOC_FAILED``)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        return ("can't allocate memory" in text or "out of memory" in text.lower()
+                or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+    return False
+
+
+@contextmanager
+def failures_explained() -> Iterator[None]:
+    """Turn an out-of-memory exception raised inside into ``TrainingError("out_of_memory")``
+    with its phase and step and an actionable message; label any other exception with the
+    phase ``prepare`` when the loop has not labelled it (:func:`core.contract.failure_site`).
+    The memory is released by the caller once it has let go of the exception
+    (:func:`release_memory`): the exception's frames hold the model until then."""
+    try:
+        yield
+    except TrainingError as exc:
+        mark_failure_site(exc, "prepare", None)
+        raise
+    except BaseException as exc:
+        if not is_out_of_memory(exc):
+            mark_failure_site(exc, "prepare", None)
+            raise
+        phase, step = failure_site(exc)
+        phase = phase or "prepare"
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        at = f" at step {step}" if step is not None else ""
+        raise TrainingError(
+            "out_of_memory",
+            f"the {where} ran out of memory ({phase}{at}): {first}. {OOM_ADVICE}",
+            step, phase=phase,  # type: ignore[arg-type]
+        ) from exc
+
+
+def release_memory() -> None:
+    """Collect garbage (the frames of a failed run hold its model and optimizer in reference
+    cycles) and hand the CUDA caching allocator's free blocks back to the device, so the
+    process can take the next job after a failure. Call it after the failure's exception
+    is gone."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
@@ -83,8 +151,10 @@ def train(spec: JobSpec, texts: CorpusTexts, hooks: TrainingHooks,
     ``resume_from``: the bytes of a ``last`` or ``periodic`` checkpoint of the same spec and
     texts. ``device`` overrides ``spec.training.device``. The texts are tokenised in memory
     (no cache; :func:`train_sources` streams sources through the token cache). Raises
-    :class:`TrainingError` (``corpus_too_small``, ``non_finite_loss``,
-    ``invalid_checkpoint``, ``device_unavailable``, ``invalid_spec``).
+    :class:`TrainingError` (``corpus_too_small``, ``non_finite_loss``, ``out_of_memory``,
+    ``timeout``, ``invalid_checkpoint``, ``device_unavailable``, ``invalid_spec``), each with
+    its phase and step; any other exception is a bug, labelled with where it happened
+    (:func:`core.contract.failure_site`).
     """
     sources = CorpusSources.from_texts(texts.train, texts.validation, texts.test)
     return train_sources(spec, sources, hooks, resume_from, device, embeddings=texts.embeddings)
@@ -99,13 +169,14 @@ def train_sources(spec: JobSpec, sources: CorpusSources, hooks: TrainingHooks,
     None), reused by later jobs on the same data, and trained on memory-mapped.
     ``embeddings``: GloVe-format text when the spec asks for pretrained embeddings. Raises
     what :func:`train` raises, and ``dataset_error`` for a source that cannot be read."""
-    dev = resolve_device(device or spec.training.device)
-    if spec.training.num_threads is not None:
-        torch.set_num_threads(spec.training.num_threads)
-    ckpt = _resumable(resume_from)
-    prepared = prepare_corpus(spec, sources, cache_dir,
-                              tokenizer=None if ckpt is None else ckpt.tokenizer)
-    return _train(spec, prepared, hooks, ckpt, dev, embeddings)
+    with failures_explained():
+        dev = resolve_device(device or spec.training.device)
+        if spec.training.num_threads is not None:
+            torch.set_num_threads(spec.training.num_threads)
+        ckpt = _resumable(resume_from)
+        prepared = prepare_corpus(spec, sources, cache_dir,
+                                  tokenizer=None if ckpt is None else ckpt.tokenizer)
+        return _train(spec, prepared, hooks, ckpt, dev, embeddings)
 
 
 def train_prepared(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
@@ -114,14 +185,15 @@ def train_prepared(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks
     """:func:`train` on splits already prepared (:func:`worker.engine.tokencache.prepare_corpus`).
     A checkpoint to resume from must carry the prepared corpus's tokenizer
     (``invalid_checkpoint`` otherwise)."""
-    dev = resolve_device(device or spec.training.device)
-    if spec.training.num_threads is not None:
-        torch.set_num_threads(spec.training.num_threads)
-    ckpt = _resumable(resume_from)
-    if ckpt is not None and ckpt.tokenizer.to_json() != prepared.tokenizer.to_json():
-        raise TrainingError("invalid_checkpoint", "the checkpoint's tokenizer is not the one "
-                            "the corpus was prepared with")
-    return _train(spec, prepared, hooks, ckpt, dev, embeddings)
+    with failures_explained():
+        dev = resolve_device(device or spec.training.device)
+        if spec.training.num_threads is not None:
+            torch.set_num_threads(spec.training.num_threads)
+        ckpt = _resumable(resume_from)
+        if ckpt is not None and ckpt.tokenizer.to_json() != prepared.tokenizer.to_json():
+            raise TrainingError("invalid_checkpoint", "the checkpoint's tokenizer is not the "
+                                "one the corpus was prepared with")
+        return _train(spec, prepared, hooks, ckpt, dev, embeddings)
 
 
 def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
@@ -162,13 +234,22 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
     stop_reason = loop.run()
 
     # -- the fresh-state check (final weights), then test with the best weights ----------
-    fresh = _fresh_state_loss(loop)
-    test = None
-    if corpus.test is not None:
-        if state.best_weights is not None:
-            model.load_state_dict(state.best_weights, strict=False)
-        test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
-                        char_level=tok.kind == "char", autocast_dtype=loop.autocast_dtype)
+    # Both stop between batches when the run must halt: the result then has neither, and a
+    # resumed run (from the `last` checkpoint just saved) evaluates them again.
+    fresh, test = None, None
+    try:
+        with loop.site("evaluate", state.step):
+            fresh = _fresh_state_loss(loop)
+            if corpus.test is not None:
+                if state.best_weights is not None:
+                    model.load_state_dict(state.best_weights, strict=False)
+                test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
+                                char_level=tok.kind == "char",
+                                autocast_dtype=loop.autocast_dtype, should_stop=loop.poll)
+    except EvalInterrupted:
+        if loop.halt == "timeout":
+            raise loop.timeout_error() from None
+        fresh, test, stop_reason = None, None, "cancelled"
     result = _result(loop, stop_reason, test, tok.vocab_size, coverage)
     fresh_state_check(result, fresh, state.recent_losses)
     return result
@@ -258,7 +339,7 @@ def _fresh_state_loss(loop: TrainLoop) -> float | None:
     t = loop.spec.training
     ids = loop.corpus.train[:FRESH_STATE_TOKENS]
     res = loop.clock.timed(evaluate, loop.model, ids, t.batch_size, t.seq_len, loop.device,
-                           False, loop.autocast_dtype)
+                           False, loop.autocast_dtype, loop.poll)
     return res.loss
 
 
