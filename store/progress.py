@@ -5,6 +5,15 @@ Every write of a running job is fenced by its attempt number (``jobs.attempts``,
 each claim): a worker that lost its job to the sweep (it stopped heartbeating, then woke up)
 gets :class:`JobLost` instead of overwriting the new attempt's rows.
 
+Each attempt is recorded in ``job_attempts`` (:class:`store.models.JobAttempt`): the claim
+opens it, :func:`set_resumed_from` records the checkpoint step it resumed from, and
+:func:`finish_job` / :func:`requeue_interrupted` close it with its outcome (the sweeps in
+:mod:`store.sweep` close those of dead workers).
+
+Metric rows are keyed by (job, step) and written as upserts: a step reported again (a flush
+retried after an ambiguous commit, or a resumed run re-reporting the step whose validation
+was interrupted) replaces its row, never duplicates it.
+
 Helpers take the caller's session and never commit. Those that replace checkpoints return the
 storage keys of the replaced blobs: delete them after the commit, never before.
 """
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
@@ -43,8 +53,9 @@ class JobLost(Exception):
 
 
 def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
-    """queued -> running for this worker (``UPDATE ... WHERE id = :id AND status = 'queued'``);
-    None when the job is unknown or another delivery already holds it."""
+    """queued -> running for this worker (``UPDATE ... WHERE id = :id AND status = 'queued'``)
+    and the attempt recorded (:func:`start_attempt`) in the same transaction; None when the
+    job is unknown or another delivery already holds it."""
     now = utcnow()
     try:
         transition(
@@ -55,13 +66,19 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
     except (Conflict, NotFound) as exc:
         log.info("not claiming %s: %s", job_id, exc)
         return None
-    return session.get(Job, job_id, populate_existing=True)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    start_attempt(session, job_id, job.attempts, worker_id)
+    return job
 
 
 def start_attempt(session: Session, job_id: str, attempt: int, worker: str | None) -> None:
-    """Record attempt ``attempt`` of ``job_id`` (outcome ``running``) in ``job_attempts``."""
+    """Record attempt ``attempt`` of ``job_id`` (outcome ``running``) in ``job_attempts``.
+    An attempt number taken again (a graceful interruption gives its number back, see
+    :func:`requeue_interrupted`) replaces the earlier row whole."""
     session.merge(JobAttempt(job_id=job_id, attempt=attempt, worker=worker, started_at=utcnow(),
-                             outcome="running"))
+                             ended_at=None, resumed_from_step=None, outcome="running",
+                             error=None))
 
 
 def set_resumed_from(session: Session, job_id: str, attempt: int, step: int | None) -> None:
@@ -105,17 +122,38 @@ def _validation_values(values: dict[str, Any]) -> dict[str, Any] | None:
     return val if any(v is not None for v in val.values()) else None
 
 
+def _upsert_metrics(session: Session, params: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT (job_id, step) DO UPDATE SET values (SQLite, PostgreSQL); a
+    plain INSERT on other backends."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        pg = pg_insert(Metric)
+        stmt: Any = pg.on_conflict_do_update(index_elements=[Metric.job_id, Metric.step],
+                                             set_={"values": pg.excluded["values"]})
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        lite = sqlite_insert(Metric)
+        stmt = lite.on_conflict_do_update(index_elements=[Metric.job_id, Metric.step],
+                                          set_={"values": lite.excluded["values"]})
+    else:
+        stmt = insert(Metric)
+    session.execute(stmt, params)
+
+
 def record_metrics(
     session: Session, job_id: str, attempt: int, rows: Sequence[MetricRow]
 ) -> bool:
-    """Insert one row per step (its named values as JSON), update progress, latest metrics and
-    the heartbeat in the same transaction. Returns ``cancel_requested``. Raises
-    :class:`JobLost`."""
+    """Write one row per step (its named values as JSON; a step already stored is replaced),
+    update progress, latest metrics and the heartbeat in the same transaction. Returns
+    ``cancel_requested``. Raises :class:`JobLost`."""
     cancel = heartbeat(session, job_id, attempt)
     if not rows:
         return cancel
     dicts = [r.as_dict() for r in rows]
-    session.execute(insert(Metric), [
+    _upsert_metrics(session, [
         {"job_id": job_id, "step": d["step"], "values": {k: v for k, v in d.items() if k != "step"}}
         for d in dicts
     ])
@@ -144,20 +182,54 @@ def checkpoint_key(job_id: str, checkpoint_id: str) -> str:
     return f"checkpoints/{job_id}/{checkpoint_id}.safetensors"
 
 
+@dataclass
+class StoredBlob:
+    """A checkpoint's bytes in storage, before (or without) its row."""
+
+    id: str
+    key: str
+    bytes: int
+    sha256: str
+    kind: CheckpointKind
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def store_checkpoint_blob(storage: Storage, job_id: str, blob: CheckpointBlob) -> StoredBlob:
+    """Write ``blob`` to storage under a new checkpoint id (atomic write, sha256). No
+    database access: the row is added by :func:`add_checkpoint_row`; delete the blob
+    (``storage.delete(stored.key)``) if the row is never committed."""
+    ckpt_id = new_id("ckpt")
+    key = checkpoint_key(job_id, ckpt_id)
+    size, sha = storage.put_bytes(key, blob.data)
+    return StoredBlob(ckpt_id, key, size, sha, CheckpointKind(blob.kind), blob.step,
+                      dict(blob.metrics))
+
+
 def record_checkpoint(
     session: Session, storage: Storage, job_id: str, attempt: int, blob: CheckpointBlob,
     keep_periodic: int,
 ) -> tuple[Checkpoint, list[str]]:
-    """Store ``blob`` (atomic write, sha256) and its row. ``best`` replaces the previous best,
-    ``last`` the previous last; ``periodic`` keeps the newest ``keep_periodic``. Returns the
-    row and the storage keys of the replaced blobs. Raises :class:`JobLost`."""
+    """Store ``blob`` (atomic write, sha256) and its row (:func:`store_checkpoint_blob` then
+    :func:`add_checkpoint_row`). Returns the row and the storage keys of the replaced blobs.
+    Raises :class:`JobLost`."""
     heartbeat(session, job_id, attempt)
-    ckpt_id = new_id("ckpt")
-    key = checkpoint_key(job_id, ckpt_id)
-    size, sha = storage.put_bytes(key, blob.data)
-    kind = CheckpointKind(blob.kind)
-    row = Checkpoint(id=ckpt_id, job_id=job_id, kind=kind, step=blob.step, bytes=size,
-                     sha256=sha, storage_key=key, metrics=dict(blob.metrics))
+    return add_checkpoint_row(session, job_id, attempt,
+                              store_checkpoint_blob(storage, job_id, blob), keep_periodic)
+
+
+def add_checkpoint_row(
+    session: Session, job_id: str, attempt: int, stored: StoredBlob, keep_periodic: int,
+) -> tuple[Checkpoint, list[str]]:
+    """The row of a blob already in storage, fenced by the attempt (heartbeat). ``best``
+    replaces the previous best, ``last`` the previous last; ``periodic`` keeps the newest
+    ``keep_periodic``. Returns the row and the storage keys of the replaced blobs. Raises
+    :class:`JobLost`."""
+    heartbeat(session, job_id, attempt)
+    kind = stored.kind
+    row = Checkpoint(id=stored.id, job_id=job_id, kind=kind, step=stored.step,
+                     bytes=stored.bytes, sha256=stored.sha256, storage_key=stored.key,
+                     metrics=dict(stored.metrics))
     old = list(session.scalars(
         select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == kind)
         .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
@@ -171,15 +243,30 @@ def record_checkpoint(
     return row, [r.storage_key for r in stale]
 
 
+@dataclass
+class ResumePoint:
+    """Where an attempt starts: the checkpoint's bytes and step (None, None: from step 0),
+    and the storage keys of the blobs to delete after the commit."""
+
+    data: bytes | None
+    step: int | None
+    stale: list[str]
+
+
 def prepare_resume(
     session: Session, storage: Storage, job_id: str
 ) -> tuple[bytes | None, list[str]]:
+    """:func:`resume_point` as ``(checkpoint bytes or None, storage keys to delete after the
+    commit)``."""
+    point = resume_point(session, storage, job_id)
+    return point.data, point.stale
+
+
+def resume_point(session: Session, storage: Storage, job_id: str) -> ResumePoint:
     """Pick the newest ``last``/``periodic`` checkpoint of an earlier attempt whose blob matches
     its sha256, and cut everything after its step (metrics and checkpoints), so each step is
     recorded exactly once. A checkpoint that fails its sha256 is never used (it is dropped).
-    Without one, the job starts over: all its metrics and checkpoints go.
-
-    Returns ``(checkpoint bytes or None, storage keys to delete after the commit)``."""
+    Without one, the job starts over: all its metrics and checkpoints go."""
     candidates = list(session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id,
@@ -210,19 +297,40 @@ def prepare_resume(
             job.progress = {**job.progress, "step": 0, "tokens_seen": 0}
             job.latest_metrics = None
     session.flush()
-    return data, [c.storage_key for c in doomed]
+    return ResumePoint(data, step if data is not None else None,
+                       [c.storage_key for c in doomed])
 
 
 def finish_job(
     session: Session, job_id: str, attempt: int, status: JobStatus, *,
     result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
-) -> None:
-    """running -> ``status`` for this attempt. Raises :class:`JobLost` when it is not ours."""
+) -> JobStatus:
+    """running -> ``status`` for this attempt, and the attempt closed with that outcome
+    (:func:`end_attempt`). Returns the status the job ended in.
+
+    ``succeeded`` is conditional on ``cancel_requested`` being false (one UPDATE, so a cancel
+    accepted by the API is never lost to a concurrent finish): when a cancel arrived first, the
+    job ends ``cancelled`` instead, keeping ``result`` (and its checkpoints). Raises
+    :class:`JobLost` when the job is not this attempt's."""
+    fence = [Job.attempts == attempt]
     try:
-        transition(session, job_id, status, expect=[S.RUNNING],
-                   where=[Job.attempts == attempt], result=result, error=error)
+        if status == S.SUCCEEDED:
+            try:
+                transition(session, job_id, S.SUCCEEDED, expect=[S.RUNNING],
+                           where=[*fence, Job.cancel_requested.is_(False)],
+                           result=result, error=error)
+            except Conflict:  # a cancel came first, or the job is not ours (then this fails)
+                transition(session, job_id, S.CANCELLED, expect=[S.RUNNING], where=fence,
+                           result=result, error=error)
+                status = S.CANCELLED
+                log.info("job %s: a cancel arrived before it finished; cancelled", job_id)
+        else:
+            transition(session, job_id, status, expect=[S.RUNNING], where=fence,
+                       result=result, error=error)
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
+    end_attempt(session, job_id, attempt, status.value, error)
+    return status
 
 
 def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
@@ -238,3 +346,4 @@ def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
                    attempts=Job.attempts - 1, worker_id=None)
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
+    end_attempt(session, job_id, attempt, "interrupted")
