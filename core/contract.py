@@ -41,13 +41,23 @@ ERROR_CODES = (
     "dataset_error",  # a dataset is missing, unreadable or not UTF-8 text
     "corpus_too_small",  # a split is shorter than one batch of batch_size x (seq_len + 1) tokens
     "non_finite_loss",  # loss or gradient became NaN/inf; the last good checkpoint is kept
-    "out_of_memory",  # the device or the host ran out of memory (a smaller batch/model fits)
+    # the device or the host ran out of memory (a smaller batch/model fits); also set by the
+    # worker when the kernel's OOM killer killed the pool process running the job
+    # (worker.oom, worker.tasks)
+    "out_of_memory",
     "device_unavailable",  # device "cuda" asked for on a machine without CUDA
     "invalid_checkpoint",  # a checkpoint failed its sha256 or cannot be loaded
     "timeout",  # training.max_duration_s passed; the last checkpoint is kept
-    "worker_lost",  # the job's worker died too many times (set by the service, not the engine)
-    "enqueue_failed",  # jobs failed before issue 8 when the broker refused them (no longer set)
-    "internal",  # a bug or an outage that outlasted the retries: anything else
+    # the job's worker died LMFORGE_MAX_ATTEMPTS times: set by the orphan sweep, not the
+    # engine (store.sweep.worker_lost_error, which stores its own ``retryable``)
+    "worker_lost",
+    # only on jobs failed before issue 8, when the broker refused the submission; no longer
+    # set (such a job now stays queued and the queued sweep enqueues it)
+    "enqueue_failed",
+    # anything else: a bug (the traceback is in the worker's log). Not an outage: a database
+    # outage that outlasts the runner's retries leaves the job to the sweep, unfailed. Jobs
+    # failed before issue 8 carry the old name, "internal_error"
+    "internal",
 )
 
 # Whether the same job, submitted again unchanged, may succeed: a fault of the machine or of

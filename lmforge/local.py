@@ -246,11 +246,22 @@ class LocalHooks:
         self.periodic: list[str] = sorted(
             (n for n, e in self.manifest.items() if e.get("kind") == "periodic"),
             key=lambda n: int(self.manifest[n]["step"]))
+        # The last step metrics.jsonl holds (0: none); None until read from the file.
+        self._metrics_step: int | None = None
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
-        # metrics.jsonl: one JSON object per step, as GET /v1/jobs/{id}/metrics returns them.
+        """Append ``rows`` to ``metrics.jsonl`` (one JSON object per step, as
+        ``GET /v1/jobs/{id}/metrics`` returns them) and print them. The file holds each step
+        once, in step order: a step reported again (a resumed run redoing the validation that
+        a stop cut, see ``core.contract.TrainingHooks.on_metrics``) replaces its earlier line,
+        as the service's metrics are upserted by (job, step)."""
+        if not rows:
+            return
+        if rows[0].step <= self._last_metrics_step():
+            self._keep_metrics_through(rows[0].step - 1)
         with open(self.dir / METRICS, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r.as_dict()) + "\n" for r in rows)
+        self._metrics_step = rows[-1].step
         for r in rows:
             line = (f"step {r.step:>6}  epoch {r.epoch:6.3f}  loss {r.train_loss:.4f}  "
                     f"lr {r.lr:.2e}  |g| {r.grad_norm:.3f}  {r.tokens_per_s:,.0f} tok/s")
@@ -297,12 +308,27 @@ class LocalHooks:
             self._remove(name)
             if name in self.periodic:
                 self.periodic.remove(name)
+        self._keep_metrics_through(step)
+        self.write_manifest()
+
+    def _last_metrics_step(self) -> int:
+        """The last step ``metrics.jsonl`` holds (0 when it holds none or is missing)."""
+        if self._metrics_step is None:
+            metrics = self.dir / METRICS
+            lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
+            self._metrics_step = max((s for s in map(_row_step, lines) if s is not None),
+                                     default=0)
+        return self._metrics_step
+
+    def _keep_metrics_through(self, step: int) -> None:
+        """Rewrite ``metrics.jsonl`` (atomically) with only its readable rows of steps at or
+        before ``step``."""
         metrics = self.dir / METRICS
         if metrics.exists():
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                     if _row_at_or_before(line, step)]
             write_atomic(metrics, "".join(f"{line}\n" for line in kept).encode())
-        self.write_manifest()
+        self._metrics_step = None  # read again when needed
 
     def _remove(self, name: str) -> None:
         """Delete a listed checkpoint and its sidecar, then unlist it."""
@@ -311,13 +337,19 @@ class LocalHooks:
         self.manifest.pop(name, None)
 
 
-def _row_at_or_before(line: str, step: int) -> bool:
-    """Whether one ``metrics.jsonl`` line is a readable row of a step at or before ``step``."""
+def _row_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line, or None when it is not a readable row."""
     try:
         row_step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return False
-    return isinstance(row_step, int) and row_step <= step
+        return None
+    return row_step if isinstance(row_step, int) else None
+
+
+def _row_at_or_before(line: str, step: int) -> bool:
+    """Whether one ``metrics.jsonl`` line is a readable row of a step at or before ``step``."""
+    row_step = _row_step(line)
+    return row_step is not None and row_step <= step
 
 
 def _load_spec(spec_path: Path) -> JobSpec | None:
@@ -371,7 +403,8 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
 
     ``resume``: a ``last``/``periodic`` checkpoint to continue from (``lmforge train --resume``
     passes ``output_dir/last.safetensors``); the directory's manifest and ``metrics.jsonl``
-    are kept up to its step. ``overwrite``: replace the earlier run in a non-empty directory.
+    are kept up to its step (a step the resumed run reports again replaces its line).
+    ``overwrite``: replace the earlier run in a non-empty directory.
     The texts are tokenised once into token files under ``cache_dir`` (default:
     :func:`default_cache_dir`) and reused by later runs on the same data; ``use_cache=False``
     tokenises them in memory instead.
@@ -397,7 +430,8 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
 
     def _on_sigint(signum: int, frame: Any) -> None:
         hooks.stop_requested = True
-        print("stopping after the next metrics flush (Ctrl-C again to abort)", file=sys.stderr)
+        print("stopping after this step or evaluation batch, with a last.safetensors "
+              "(Ctrl-C again to abort)", file=sys.stderr)
         signal.signal(signal.SIGINT, previous)
 
     signal.signal(signal.SIGINT, _on_sigint)

@@ -66,8 +66,8 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         broker_connection_retry=True,
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # A publish to an unreachable broker fails within about a second (then the API marks
-        # the job enqueue_failed) instead of retrying for minutes.
+        # A publish to an unreachable broker fails within seconds (then the API leaves the job
+        # queued with enqueued_at NULL for the queued sweep) instead of retrying for minutes.
         broker_connection_timeout=BROKER_SOCKET_TIMEOUT_S,
         worker_lost_wait=WORKER_LOST_WAIT_S,
         task_publish_retry_policy={

@@ -22,7 +22,9 @@ from store.models import Job, JobStatus, utcnow
 S = JobStatus
 TERMINAL_STATES: frozenset[JobStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    # failed: the enqueue after the commit failed (enqueue_failed).
+    # failed: nothing takes this move since issue 8 (the API used it to fail a job the broker
+    # refused, enqueue_failed; such a job now stays queued for the queued sweep). Still
+    # allowed, as tests/api/test_transitions.py pins it.
     S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
     # queued: the orphan sweep hands a job whose worker died back to the queue, and a worker
     # that is shutting down hands back the job it was running (store.progress.requeue_interrupted).
@@ -71,13 +73,3 @@ def transition(
         details=[{"status": current.value, "requested": to.value}],
     )
 
-
-def mark_enqueue_failed(session: Session, job_id: str, reason: str) -> None:
-    """The job was committed but its message never reached the broker: fail it (rather than
-    leave it queued forever) so the caller can see why and resubmit."""
-    transition(
-        session, job_id, S.FAILED, expect=[S.QUEUED],
-        error={"code": "enqueue_failed",
-               "message": f"the job could not be queued (broker unreachable: {reason}); "
-                          f"submit it again when the broker is back"},
-    )

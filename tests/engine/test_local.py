@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from core.spec import JobSpec
 from lmforge.cli import main
-from lmforge.local import resolve_texts, sample_command, train_command
+from lmforge.local import LocalHooks, resolve_texts, sample_command, train_command
 
 
 def test_train_command_writes_verified_checkpoints_and_one_json_line(
@@ -288,3 +289,57 @@ def test_train_command_tokenises_a_file_once_into_the_cache(
     assert main(["train", str(tmp_path / "spec.json"), "--output", str(tmp_path / "d"),
                  "--no-cache"]) == 0
     assert [p for p in cache.iterdir() if p.is_dir()] == entries
+
+
+def test_resume_after_a_stop_mid_validation_keeps_each_step_once(
+        tmp_path: Path, small_text: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C (a real SIGINT to this process) during the validation at step 10 stops the
+    run with that validation cut; the resumed run validates step 10 again and reports it a
+    second time. metrics.jsonl then holds every step once, step 10 with its validation, and
+    equals an uninterrupted run's file but for the timings."""
+    (tmp_path / "corpus.txt").write_text(small_text, encoding="utf-8")
+    spec = {"dataset": {"path": "corpus.txt"}, "val_fraction": 0.3,
+            "model": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
+            "training": {"batch_size": 4, "seq_len": 8, "max_steps": 20, "eval_interval": 10,
+                         "log_interval": 5, "num_threads": 1}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert train_command(tmp_path / "spec.json", full) == 0
+
+    # The engine polls should_stop after each of steps 1..9, then before each batch of the
+    # validation at step 10 (tests/engine/test_interrupts.py): the 12th poll is inside it.
+    real_should_stop = LocalHooks.should_stop
+    polls = {"n": 0}
+
+    def should_stop(self: LocalHooks) -> bool:
+        polls["n"] += 1
+        if polls["n"] == 12:
+            signal.raise_signal(signal.SIGINT)  # handled by train_command: a Ctrl-C
+        return real_should_stop(self)
+
+    monkeypatch.setattr(LocalHooks, "should_stop", should_stop)
+    capsys.readouterr()
+    assert train_command(tmp_path / "spec.json", out) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["stop_reason"] == "cancelled"
+    assert "stopping after this step or evaluation batch" in captured.err
+    cut = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut] == list(range(1, 11))
+    assert cut[-1]["val_loss"] is None  # the validation at step 10 was cut
+    assert _manifest(out)["last.safetensors"]["step"] == 10
+
+    monkeypatch.setattr(LocalHooks, "should_stop", real_should_stop)
+    assert main(["train", str(tmp_path / "spec.json"), "--output", str(out), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 20
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[9]["val_loss"] is not None and rows[19]["val_loss"] is not None
+    expected = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+
+    def untimed(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+                for r in rs]
+
+    assert untimed(rows) == untimed(expected)
+    _assert_every_checkpoint_file_is_listed(out)
