@@ -82,7 +82,10 @@ class JobOut(_FromRow):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
-    attempts: int
+    attempts: int  # claimed so far; each has a row in attempt_history
+    # How many of them were handed back by a graceful worker shutdown (not counted toward
+    # LMFORGE_MAX_ATTEMPTS).
+    interruptions: int
     cancel_requested: bool
     progress: Progress
     latest_metrics: dict[str, Any] | None

@@ -164,12 +164,16 @@ class TrainingSpec(_Strict):
     checkpoint_interval: int | None = Field(
         default=1000, ge=1,
         description="Write a resumable 'periodic' checkpoint every this many steps (None: no "
-                    "step bound).")
+                    "step bound of the job's own; a service still applies its "
+                    "LMFORGE_CHECKPOINT_EVERY_STEPS, 1000 by default, and a smaller value here "
+                    "wins).")
     checkpoint_every_s: float | None = Field(
         default=300.0, gt=0,
         description="Also write one once this many wall-clock seconds of the run (training, "
                     "evaluation and checkpoints) have passed since the last full checkpoint "
-                    "(None: no time bound).")
+                    "(None: no time bound of the job's own; a service still applies its "
+                    "LMFORGE_CHECKPOINT_EVERY_S, 300 by default, and a smaller value here "
+                    "wins).")
     keep_checkpoints: int = Field(default=3, ge=1, le=1000)
     # A wall-clock budget: past it the job fails with ``timeout`` (it keeps a ``last``
     # checkpoint). Unlike ``max_runtime_s``, which ends a run successfully, this is a limit.

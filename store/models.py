@@ -124,7 +124,12 @@ class Job(Base):
     # When the job's message was last handed to the broker (None: never, e.g. the broker was
     # down at submission). The queued sweep re-enqueues queued jobs whose message is lost.
     enqueued_at: Mapped[datetime | None]
+    # Attempts claimed so far (numbered from 1, never reused: job_attempts keeps one row each).
     attempts: Mapped[int] = mapped_column(default=0)
+    # How many of them ended because their worker shut down gracefully (the job was handed
+    # back with a checkpoint): not the job's fault, so they do not count toward
+    # LMFORGE_MAX_ATTEMPTS, which limits ``attempts - interruptions``.
+    interruptions: Mapped[int] = mapped_column(default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker_id: Mapped[str | None] = mapped_column(String(200))
     progress: Mapped[dict[str, Any]]  # {step, total_steps, tokens_seen}

@@ -335,15 +335,18 @@ def finish_job(
 
 def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
     """running -> queued for an attempt that stopped because its worker is shutting down (it
-    saved a ``last`` checkpoint first). The attempt is given back (``attempts - 1``): a
-    graceful interruption is not the job's fault and does not count toward
-    ``LMFORGE_MAX_ATTEMPTS``; the next claim takes the same number again. Only when no cancel
+    saved a ``last`` checkpoint first), closed as ``interrupted`` in ``job_attempts``. A
+    graceful interruption is not the job's fault: it is counted in ``jobs.interruptions``,
+    which ``LMFORGE_MAX_ATTEMPTS`` leaves out; the next claim takes the next attempt number
+    (numbers are never reused, so the history keeps every attempt). ``enqueued_at`` is set in
+    the same UPDATE: the caller requeues the message at once. Only when no cancel
     was requested: a cancel wins. Raises :class:`JobLost` when the job is not this attempt's
     or its cancel was requested (the caller then finishes it as cancelled)."""
     try:
         transition(session, job_id, S.QUEUED, expect=[S.RUNNING],
                    where=[Job.attempts == attempt, Job.cancel_requested.is_(False)],
-                   attempts=Job.attempts - 1, worker_id=None)
+                   interruptions=Job.interruptions + 1, worker_id=None,
+                   enqueued_at=utcnow())
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
     end_attempt(session, job_id, attempt, "interrupted")

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     # A queued job whose message was handed to the broker longer ago than this and is no longer
     # in the broker is enqueued again by the queued sweep (seconds).
     requeue_after_s: float = Field(default=60.0, gt=0, alias="LMFORGE_REQUEUE_AFTER_S")
+    # The service's resumability bound: every job run by a worker writes a resumable checkpoint
+    # at least every this many steps and this many seconds (a job's own
+    # training.checkpoint_interval / checkpoint_every_s may only make it more frequent), so a
+    # worker killed at any point loses at most that much work.
+    checkpoint_every_steps: int = Field(default=1000, ge=1, alias="LMFORGE_CHECKPOINT_EVERY_STEPS")
+    checkpoint_every_s: float = Field(default=300.0, gt=0, alias="LMFORGE_CHECKPOINT_EVERY_S")
     # How long an Idempotency-Key is remembered (seconds; default 24 h).
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0, alias="LMFORGE_IDEMPOTENCY_TTL_S")
     # On a warm shutdown with REMAP_SIGTERM=SIGQUIT, a running task gets this long (seconds)

@@ -62,10 +62,18 @@ def _step(job: Job) -> int:
     return int((job.progress or {}).get("step") or 0)
 
 
+def counted_attempts(job: Job) -> int:
+    """The attempts that count toward ``LMFORGE_MAX_ATTEMPTS``: all but those handed back by
+    a graceful worker shutdown."""
+    return job.attempts - job.interruptions
+
+
 def worker_lost_error(job: Job, max_attempts: int) -> dict[str, Any]:
-    """The ``worker_lost`` error of a job whose worker died ``job.attempts`` times."""
+    """The ``worker_lost`` error of a job whose worker died ``job.attempts -
+    job.interruptions`` times (graceful shutdowns are not counted)."""
     return {"code": "worker_lost",
-            "message": f"the job's worker stopped {job.attempts} times without finishing it "
+            "message": f"the job's worker stopped {counted_attempts(job)} times without "
+                       f"finishing it "
                        f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})",
             "retryable": False, "phase": "train", "step": _step(job)}
 
@@ -89,7 +97,7 @@ def sweep_orphans(
         try:
             if job.cancel_requested:
                 transition(session, job.id, S.CANCELLED, expect=[S.RUNNING], where=fence)
-            elif job.attempts >= max_attempts:
+            elif counted_attempts(job) >= max_attempts:
                 transition(session, job.id, S.FAILED, expect=[S.RUNNING], where=fence,
                            error=worker_lost_error(job, max_attempts))
             else:

@@ -363,9 +363,12 @@ def test_each_way_an_attempt_ends_is_recorded(env: Env) -> None:
     assert env.run(interrupted, shutdown=ShutdownAfterClaim()) == JobStatus.QUEUED
     (a,) = env.attempts(interrupted)
     assert (a.outcome, a.ended_at is not None) == ("interrupted", True)
-    env.run(interrupted)  # the attempt number was given back: the same row, now resumed
-    (a,) = env.attempts(interrupted)
-    assert (a.attempt, a.outcome, a.resumed_from_step) == (1, "succeeded", 1)
+    env.run(interrupted)  # the next attempt, resumed; the interrupted one stays in the history
+    first, second = env.attempts(interrupted)
+    assert (first.attempt, first.outcome) == (1, "interrupted")
+    assert (second.attempt, second.outcome, second.resumed_from_step) == (2, "succeeded", 1)
+    job = env.job(interrupted)
+    assert (job.attempts, job.interruptions) == (2, 1)
 
 
 # -- 6. database outages --------------------------------------------------------------------------
@@ -481,3 +484,30 @@ def test_a_job_rides_out_a_postgres_restart(
     assert ("last", 400) in kinds
     assert [a.outcome for a in env.attempts(job_id)] == ["succeeded"]
     assert all(env.storage.exists(c.storage_key) for c in env.checkpoints(job_id))
+
+
+# -- the service's resumability bound -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("job", "service", "expected"), [
+    ((None, None), (1000, 300.0), (1000, 300.0)),   # no bound of its own: the service's
+    ((1000, 300.0), (20, 2.0), (20, 2.0)),          # the service requires more often
+    ((5, 1.0), (1000, 300.0), (5, 1.0)),            # the job asks for more often: it wins
+    ((5000, None), (1000, 300.0), (1000, 300.0)),   # never less often than the service
+])
+def test_the_service_bound_caps_each_jobs_checkpoint_interval(
+    job: tuple[int | None, float | None], service: tuple[int, float],
+    expected: tuple[int, float],
+) -> None:
+    from core.spec import JobSpec
+    from store.settings import Settings
+    from worker.runner import with_service_bounds
+
+    spec = JobSpec.model_validate({
+        "dataset": {"builtin": "python-docs"},
+        "training": {"checkpoint_interval": job[0], "checkpoint_every_s": job[1]}})
+    settings = Settings(LMFORGE_CHECKPOINT_EVERY_STEPS=service[0],
+                        LMFORGE_CHECKPOINT_EVERY_S=service[1])
+    t = with_service_bounds(spec, settings).training
+    assert (t.checkpoint_interval, t.checkpoint_every_s) == expected
+    assert spec.training.checkpoint_interval == job[0]  # the stored spec is left as it was

@@ -192,7 +192,7 @@ class _SetAfterClaim(threading.Event):
         return self.looks > 1
 
 
-def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt(
+def test_shutdown_requeues_the_job_at_a_last_checkpoint_as_an_uncounted_interruption(
     env: Env,
 ) -> None:
     reference = env.submit()
@@ -202,8 +202,9 @@ def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt
                      settings=env.settings, worker_id="test", shutdown=_SetAfterClaim())
     assert status == JobStatus.QUEUED
     job = env.job(job_id)
-    assert (job.status, job.attempts, job.worker_id, job.finished_at, job.result) == (
-        JobStatus.QUEUED, 0, None, None, None)
+    assert (job.status, job.attempts, job.interruptions, job.worker_id, job.finished_at,
+            job.result) == (JobStatus.QUEUED, 1, 1, None, None, None)
+    assert job.enqueued_at is not None  # the task requeues its message at once
     # should_stop is polled after every step: the shutdown is seen after step 1, not at the
     # first metrics flush (log_interval 2).
     assert env.steps(job_id) == [1]
@@ -211,7 +212,7 @@ def test_shutdown_requeues_the_job_at_a_last_checkpoint_without_using_an_attempt
 
     env.run(job_id)  # the next worker
     job = env.job(job_id)
-    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
+    assert (job.status, job.attempts, job.interruptions) == (JobStatus.SUCCEEDED, 2, 1)
     assert env.steps(job_id) == list(range(1, 13))
     assert env.train_losses(job_id) == pytest.approx(env.train_losses(reference), rel=1e-5)
 

@@ -531,3 +531,23 @@ def test_an_oom_killed_attempt_fails_the_job_or_cancels_it_if_asked(env: Env) ->
     assert env.get(oom_job).error == {**error, "step": 7}
     with session_scope(env.factory) as s:
         assert s.get_one(JobAttempt, (oom_job, 1)).outcome == "out_of_memory"
+
+
+def test_graceful_interruptions_do_not_count_toward_max_attempts(env: Env) -> None:
+    """Three attempts, one of them handed back by a graceful shutdown: two count, so with
+    ``max_attempts`` 3 the orphan is queued again rather than failed."""
+    job_id = env.job(S.RUNNING, attempts=3, heartbeat_at=ago(600))
+    with session_scope(env.factory) as s:
+        s.get_one(Job, job_id).interruptions = 1
+    with session_scope(env.factory) as s:
+        assert sweep_orphans(s, heartbeat_timeout_s=30, max_attempts=3) == [job_id]
+    assert env.get(job_id).status == S.QUEUED
+    with session_scope(env.factory) as s:
+        s.get_one(Job, job_id).status = S.RUNNING
+        s.get_one(Job, job_id).attempts = 4
+        s.get_one(Job, job_id).heartbeat_at = ago(600)
+    with session_scope(env.factory) as s:  # now three count
+        assert sweep_orphans(s, heartbeat_timeout_s=30, max_attempts=3) == []
+    job = env.get(job_id)
+    assert job.status == S.FAILED and job.error is not None
+    assert job.error["code"] == "worker_lost" and "3 times" in job.error["message"]

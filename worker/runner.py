@@ -435,6 +435,21 @@ def _error(exc: BaseException, code: str, message: str) -> dict[str, Any]:
             "phase": phase or "prepare", "step": step}
 
 
+def with_service_bounds(spec: JobSpec, settings: Settings) -> JobSpec:
+    """``spec`` with its checkpoint bounds capped by the service's
+    (``LMFORGE_CHECKPOINT_EVERY_STEPS``, ``LMFORGE_CHECKPOINT_EVERY_S``): a job may checkpoint
+    more often than the service requires, never less (a null bound in the spec means "none of
+    its own"), so every job the service runs stays resumable."""
+    t = spec.training
+    steps = min(t.checkpoint_interval or settings.checkpoint_every_steps,
+                settings.checkpoint_every_steps)
+    seconds = min(t.checkpoint_every_s or settings.checkpoint_every_s, settings.checkpoint_every_s)
+    if (steps, seconds) == (t.checkpoint_interval, t.checkpoint_every_s):
+        return spec
+    training = t.model_copy(update={"checkpoint_interval": steps, "checkpoint_every_s": seconds})
+    return spec.model_copy(update={"training": training})
+
+
 def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFactory,
            storage: Storage, settings: Settings) -> Outcome:
     """Validate the spec, prepare the resume (recording its step on the attempt), open the
@@ -449,6 +464,7 @@ def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFact
         except ValidationError as exc:
             raise TrainingError("invalid_spec", f"the stored spec is not valid: {exc}",
                                 phase="prepare") from exc
+        spec = with_service_bounds(spec, settings)
         beat.start()
 
         def prepare() -> tuple[bytes | None, int | None]:

@@ -1,4 +1,5 @@
-"""Leases, attempts and idempotency: ``jobs.enqueued_at``, ``job_attempts``, ``idempotency_keys``.
+"""Leases, attempts and idempotency: ``jobs.enqueued_at`` and ``jobs.interruptions``,
+``job_attempts``, ``idempotency_keys``.
 
 Revision ID: 0003
 Revises: 0002
@@ -7,6 +8,8 @@ Create Date: 2026-11-29
 ``jobs.enqueued_at`` records when a job's message was last handed to the broker, so the queued
 sweep can find queued jobs whose message was lost (a broker restart without persistence) and
 enqueue them again. Existing queued jobs get ``created_at`` (they were enqueued at submission).
+``jobs.interruptions`` counts the attempts that ended with a graceful worker shutdown (they
+do not count toward ``LMFORGE_MAX_ATTEMPTS``; attempt numbers are never reused).
 ``job_attempts`` keeps one row per attempt (``GET /v1/jobs/{id}``'s ``attempt_history``);
 existing jobs get no history rows (their attempts predate it). ``idempotency_keys`` remembers
 ``Idempotency-Key`` headers of creating requests.
@@ -31,6 +34,8 @@ def upgrade() -> None:
     # A plain ADD/DROP COLUMN, never a batch copy of ``jobs``: on SQLite the copy drops the old
     # table, and with foreign keys on that cascades to every metric, checkpoint and attempt row.
     op.add_column("jobs", sa.Column("enqueued_at", TS, nullable=True))
+    op.add_column("jobs", sa.Column("interruptions", sa.Integer(), nullable=False,
+                                    server_default="0"))
     op.execute("UPDATE jobs SET enqueued_at = created_at WHERE status = 'queued'")
     op.create_index("ix_jobs_status_enqueued_at", "jobs", ["status", "enqueued_at"])
 
@@ -68,4 +73,5 @@ def downgrade() -> None:
     op.drop_table("idempotency_keys")
     op.drop_table("job_attempts")
     op.drop_index("ix_jobs_status_enqueued_at", table_name="jobs")
+    op.drop_column("jobs", "interruptions")
     op.drop_column("jobs", "enqueued_at")  # SQLite >= 3.35 drops a column in place

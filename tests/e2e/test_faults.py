@@ -256,13 +256,15 @@ def test_sigkill_of_the_worker_group_at_random_points_resumes_and_records_each_s
 ) -> None:
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
     # A short lease so that a dead worker's job is swept within seconds.
-    stack = make_stack(url, LMFORGE_HEARTBEAT_TIMEOUT_S="3", LMFORGE_REQUEUE_AFTER_S="5",
-                       LMFORGE_MAX_ATTEMPTS="10")
-    stack.start_api()
     kills, steps, interval = 3, 600, 20
-    # TODO(runner defaults): an explicit checkpoint_interval until the default (1000 steps or
-    # 5 minutes) is small enough to checkpoint within a test-sized job.
-    job_id = stack.submit(steps, checkpoint_interval=interval)
+    # The job's spec keeps the default checkpoint settings; the service's resumability bound
+    # (LMFORGE_CHECKPOINT_EVERY_STEPS, 1000 steps by default) is scaled down to this
+    # test-sized job, as an operator would configure it.
+    stack = make_stack(url, LMFORGE_HEARTBEAT_TIMEOUT_S="3", LMFORGE_REQUEUE_AFTER_S="5",
+                       LMFORGE_MAX_ATTEMPTS="10",
+                       LMFORGE_CHECKPOINT_EVERY_STEPS=str(interval))
+    stack.start_api()
+    job_id = stack.submit(steps)
     rng = random.Random()
     seed = rng.randrange(2**32)
     rng.seed(seed)
@@ -376,7 +378,9 @@ def test_sigterm_requeues_the_job_at_once_and_another_worker_finishes_it(
     job = stack.finished(job_id)
     assert job["status"] == "succeeded", (job["error"], stack.logs())
     assert stack.worker_of(job_id) != taken_by
-    assert job["attempts"] == 1  # a graceful interruption does not use up an attempt
+    # A graceful interruption is recorded but not counted toward LMFORGE_MAX_ATTEMPTS.
+    assert (job["attempts"], job["interruptions"]) == (2, 1)
+    assert attempts_of(job) == [(1, "interrupted"), (2, "succeeded")]
     last = job["attempt_history"][-1]
     assert last["outcome"] == "succeeded" and last["resumed_from_step"] >= 10
     stack.assert_exact_metrics(job_id, steps)

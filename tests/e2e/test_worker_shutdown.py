@@ -58,14 +58,19 @@ def test_sigterm_to_worker_requeues_its_job_and_the_next_worker_resumes_it(
 
     step = queued["progress"]["step"]
     assert 1 <= step < MAX_STEPS
-    assert queued["attempts"] == 0  # a graceful interruption does not use up an attempt
+    # A graceful interruption is recorded, but does not count toward LMFORGE_MAX_ATTEMPTS.
+    assert (queued["attempts"], queued["interruptions"]) == (1, 1)
+    assert [(a["attempt"], a["outcome"]) for a in queued["attempt_history"]] == [
+        (1, "interrupted")]
     assert [(c["kind"], c["step"]) for c in api.checkpoints(job_id)] == [("last", step)]
     before = api.metrics(job_id)
     assert [r["step"] for r in before] == list(range(1, step + 1))
 
     finished = api.wait_finished(job_id)
     assert finished["status"] == "succeeded", finished["error"]
-    assert finished["attempts"] == 1
+    assert (finished["attempts"], finished["interruptions"]) == (2, 1)
+    assert [(a["attempt"], a["outcome"]) for a in finished["attempt_history"]] == [
+        (1, "interrupted"), (2, "succeeded")]
     assert finished["progress"]["step"] == MAX_STEPS
     after = api.metrics(job_id, page_size=1000)
     assert [r["step"] for r in after] == list(range(1, MAX_STEPS + 1))
