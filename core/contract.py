@@ -71,7 +71,8 @@ RETRYABLE: dict[str, bool] = {
     "device_unavailable": True,
     "invalid_checkpoint": False,
     "timeout": False,
-    "worker_lost": True,
+    # Set only after the service itself retried the job LMFORGE_MAX_ATTEMPTS times.
+    "worker_lost": False,
     "enqueue_failed": True,
     "internal": True,
 }

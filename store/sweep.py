@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.contract import RETRYABLE
 from core.errors import Conflict, NotFound
 from store.db import session_scope
 from store.models import Job, JobStatus, utcnow
@@ -75,7 +76,7 @@ def worker_lost_error(job: Job, max_attempts: int) -> dict[str, Any]:
             "message": f"the job's worker stopped {counted_attempts(job)} times without "
                        f"finishing it "
                        f"(limit LMFORGE_MAX_ATTEMPTS={max_attempts})",
-            "retryable": False, "phase": "train", "step": _step(job)}
+            "retryable": RETRYABLE["worker_lost"], "phase": "train", "step": _step(job)}
 
 
 def sweep_orphans(
