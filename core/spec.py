@@ -147,6 +147,13 @@ class TrainingSpec(_Strict):
     max_runtime_s: float | None = Field(default=None, gt=0)
     early_stopping: EarlyStoppingSpec | None = None
     eval_interval: int = Field(default=100, ge=1)
+    eval_tokens: int | None = Field(
+        default=1_000_000, ge=2,
+        description="The most validation tokens one evaluation reads: a larger validation "
+                    "split is evaluated on the first eval_tokens / batch_size tokens of each "
+                    "of its batch_size evenly spaced streams (the same subset every time). "
+                    "None: the whole split. The final test evaluation always reads the whole "
+                    "test split. A service refuses more than its LMFORGE_MAX_EVAL_TOKENS.")
     grad_clip: float | None = Field(default=1.0, gt=0)
     # Each step, each stream's carried hidden state is reset to zeros with this probability,
     # so the model also learns to predict from the zero state that evaluation and sampling

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,10 @@ class Settings(BaseSettings):
     # Defaults to a SQLite file under LMFORGE_HOME; "postgresql+psycopg://..." in production.
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
+    # "required" (the default): every /v1 request needs an API key (app.auth). "disabled":
+    # no key is asked for and every request acts as an admin; allowed only while the API is
+    # bound to a loopback address (lmforge api / lmforge up refuse otherwise), with a warning.
+    auth: Literal["required", "disabled"] = Field(default="required", alias="LMFORGE_AUTH")
     # Largest accepted dataset upload, in bytes.
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, alias="LMFORGE_MAX_UPLOAD_BYTES")
     # Redis redelivers an unacked task after this many seconds, even while it runs: keep it above

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from core.estimate import (
     activation_bytes,
@@ -18,6 +20,8 @@ from core.estimate import (
 )
 from core.spec import JobSpec
 from core.textstats import text_stats
+from worker.engine.data import stream_bounds
+from worker.engine.evaluate import evaluate
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.tokenizers import build_tokenizer
 
@@ -120,3 +124,37 @@ def test_device_class() -> None:
     assert device_class("cpu") == "cpu"
     assert device_class("cuda") == device_class("cuda:1") == "cuda"
     assert device_class("auto") is None
+
+
+# -- training.eval_tokens: one evaluation reads a bounded, deterministic subset ---------------
+
+
+@torch.no_grad()
+def _stream_nll(model: LSTMLanguageModel, ids: torch.Tensor) -> float:
+    """Summed next-token loss of one stream read from a zero state (no truncation)."""
+    logits, _ = model(ids[:-1].unsqueeze(0))
+    logp = F.log_softmax(logits[0].double(), -1)
+    return float(-logp.gather(1, ids[1:].unsqueeze(1)).sum())
+
+
+def test_eval_tokens_reads_the_head_of_each_evenly_spaced_stream() -> None:
+    torch.manual_seed(3)
+    model = LSTMLanguageModel(13, 8, 12, 2).eval()
+    ids = torch.randint(0, 13, (1001,))  # 1000 targets in 4 streams of 250
+    cpu = torch.device("cpu")
+    res = evaluate(model, ids, batch_size=4, seq_len=7, device=cpu, max_tokens=100)
+    assert res.tokens == 100  # 25 targets of each of the 4 streams
+    total = sum(_stream_nll(model, ids[a : a + 26]) for a in stream_bounds(1000, 4)[:-1])
+    assert res.loss == pytest.approx(total / 100, rel=1e-6)
+    again = evaluate(model, ids, batch_size=4, seq_len=7, device=cpu, max_tokens=100)
+    assert again.loss == res.loss  # the same subset every time
+    full = evaluate(model, ids, batch_size=4, seq_len=7, device=cpu)
+    assert full.tokens == 1000
+    # A cap at or above the split's targets changes nothing.
+    assert evaluate(model, ids, batch_size=4, seq_len=7, device=cpu,
+                    max_tokens=1000).loss == full.loss
+
+
+def test_eval_tokens_defaults_to_a_million_and_none_reads_everything() -> None:
+    assert _spec().training.eval_tokens == 1_000_000
+    assert _spec(training={"eval_tokens": None}).training.eval_tokens is None

@@ -49,7 +49,8 @@ class EvalResult:
 def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_len: int,
              device: torch.device, char_level: bool = False,
              autocast_dtype: torch.dtype | None = None,
-             should_stop: Callable[[], bool] | None = None) -> EvalResult:
+             should_stop: Callable[[], bool] | None = None,
+             max_tokens: int | None = None) -> EvalResult:
     """Evaluate ``model`` on the token stream ``ids`` (N,), N >= 2: ``int64``, or a token
     file's ``int16``/``int32`` view (:func:`worker.engine.data.token_tensor`), on the CPU.
 
@@ -62,6 +63,11 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
 
     ``should_stop`` is polled before each batch; when it returns True the evaluation is
     abandoned with :class:`EvalInterrupted` (the model's mode restored first).
+
+    ``max_tokens`` (``training.eval_tokens``) bounds the cost: when the split has more targets,
+    only the first ``max_tokens // streams`` targets of each of its evenly spaced streams are
+    predicted (a deterministic subset, the same at every evaluation, each stream still read
+    from a zero state), and the result's ``tokens`` counts those. None: the whole split.
     """
     was_training = model.training
     model.eval()
@@ -73,15 +79,29 @@ def evaluate(model: LSTMLanguageModel, ids: torch.Tensor, batch_size: int, seq_l
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     hidden = None
+    n = ids.numel() - 1  # every token but the first is predicted once
+    per_stream: int | None = None
+    if max_tokens is not None and n > max_tokens:
+        per_stream = max(1, max_tokens // max(1, min(batch_size, n)))
+    counted = torch.zeros((), dtype=torch.long, device=device)
+    pos = 0
     try:
         for x, y_window in eval_windows(ids, batch_size, seq_len):
             if should_stop is not None and should_stop():
                 raise EvalInterrupted()
+            if per_stream is not None:
+                if pos >= per_stream:
+                    break
+                width = min(x.shape[1], per_stream - pos)
+                x, y_window = x[:, :width], y_window[:, :width]
+                pos += width
+                counted += (y_window != -100).sum()
             hidden = _eval_batch(model, x, y_window, hidden, vocab, k, total, top1, top5,
                                  autocast_dtype)
     finally:
         model.train(was_training)
-    n = ids.numel() - 1  # every token but the first is predicted once
+    if per_stream is not None:
+        n = int(counted)
     loss = float(total) / n
     return EvalResult(
         loss=loss,

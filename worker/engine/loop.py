@@ -363,7 +363,7 @@ class TrainLoop:
         with self.site("evaluate", step):
             res = self.clock.timed(evaluate, self.model, self.corpus.validation, t.batch_size,
                                    t.seq_len, self.device, self.tokenizer.kind == "char",
-                                   self.autocast_dtype, self.poll)
+                                   self.autocast_dtype, self.poll, t.eval_tokens)
         self.vals[step] = res
         s.final_val_loss = res.loss
         s.schedule.on_eval(res.loss)
