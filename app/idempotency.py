@@ -19,7 +19,8 @@ the resource. So:
 job spec as validated (so key order and spelled-out defaults do not matter), or the dataset's
 name, file name and content sha256.
 
-Helpers take the caller's session and never commit, except :func:`purge_expired`.
+Keys are per principal (:func:`principal_scope`). Helpers take the caller's session and never
+commit, except :func:`purge_expired`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def request_digest(payload: Any) -> str:
     """The sha256 (hex) of ``payload`` as canonical JSON (sorted keys, no spaces, UTF-8)."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def principal_scope(scope: str, principal_id: str) -> str:
+    """The scope of ``principal_id``'s keys for ``scope`` (``jobs`` or ``datasets``): each
+    principal has its own keys, so one principal's key never finds (or blocks) another's
+    resource. ``<scope>/<first 20 hex of sha256(principal_id)>``, within the column's 32
+    characters."""
+    return f"{scope}/{hashlib.sha256(principal_id.encode()).hexdigest()[:20]}"
 
 
 def find(session: Session, scope: str, key: str, digest: str, ttl_s: float) -> str | None:

@@ -4,7 +4,10 @@ Status changes go through :func:`store.status.transition`, the one function that
 job's status; the runner's side (claim, metrics, checkpoints, finish, orphan sweep) is in
 :mod:`store.progress`.
 
-Helpers take the caller's session and never commit.
+Helpers take the caller's session and never commit. Every lookup takes the
+:class:`~app.auth.Principal` asking, as a required argument: a job of another principal (and
+its metrics, result and checkpoints) is not found (404) and never listed; an admin sees all
+(``app.auth.owner_filter``, the one ownership rule).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.auth import Principal, owner_filter
 from app.datasets import get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
 from core.spec import DatasetSource, JobSpec
@@ -24,7 +28,6 @@ from store.db import newest_first_page
 from store.models import (
     Checkpoint,
     CheckpointKind,
-    Dataset,
     Job,
     JobAttempt,
     JobStatus,
@@ -39,23 +42,32 @@ log = logging.getLogger(__name__)
 S = JobStatus
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id, populate_existing=True)
+def get_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job (freshly read), if ``principal`` may see it; else :class:`NotFound` (the same
+    answer as for an id that does not exist)."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, owner_filter(principal, Job))
+        .execution_options(populate_existing=True))
     if job is None:
         raise NotFound(f"job {job_id!r} not found")
     return job
 
 
-def list_jobs(session: Session, limit: int, after: str | None) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the id of the last job of the previous page (a keyset cursor
-    over ``(created_at, id)``, stable while new jobs arrive)."""
-    return newest_first_page(session, Job, limit, after)
+def list_jobs(
+    session: Session, principal: Principal, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
+    """The jobs ``principal`` may see, newest first; ``after`` is the id of the last job of
+    the previous page (a keyset cursor over ``(created_at, id)``, stable while new jobs
+    arrive)."""
+    return newest_first_page(session, Job, limit, after, where=owner_filter(principal, Job))
 
 
 # -- creation ---------------------------------------------------------------------------------
 
 
-def _source_stats(session: Session, source: DatasetSource, field: str) -> TextStats:
+def _source_stats(
+    session: Session, principal: Principal, source: DatasetSource, field: str
+) -> TextStats:
     if source.path is not None:
         raise ValidationFailed(
             "'path' sources are for `lmforge train` only; upload the file with "
@@ -66,7 +78,7 @@ def _source_stats(session: Session, source: DatasetSource, field: str) -> TextSt
         return builtin_stats(source.builtin)
     assert source.id is not None
     try:
-        d = get_dataset(session, source.id)
+        d = get_dataset(session, principal, source.id)
     except NotFound:
         raise ValidationFailed(f"dataset {source.id!r} does not exist", field=field) from None
     return TextStats(d.num_chars, d.num_lines, d.num_words, d.bytes)
@@ -86,18 +98,19 @@ def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
                                field=shortfall.field, details=[shortfall.details(spec)])
 
 
-def validate_sources(session: Session, spec: JobSpec) -> None:
-    """Check what the spec alone cannot: datasets exist, no server-side paths, enough text."""
+def validate_sources(session: Session, principal: Principal, spec: JobSpec) -> None:
+    """Check what the spec alone cannot: datasets exist and are ``principal``'s (another
+    principal's dataset "does not exist"), no server-side paths, enough text."""
     assert spec.dataset is not None
     stats: dict[str, TextStats] = {
         "train": _source_stats(
-            session, spec.dataset, "dataset_id" if spec.dataset_id else "dataset.id"
+            session, principal, spec.dataset, "dataset_id" if spec.dataset_id else "dataset.id"
         )
     }
     for name in ("validation", "test"):
         source = getattr(spec, name)
         if source is not None:
-            stats[name] = _source_stats(session, source, f"{name}.id")
+            stats[name] = _source_stats(session, principal, source, f"{name}.id")
     emb = spec.model.pretrained_embeddings
     if emb is not None:
         field = "model.pretrained_embeddings.dataset_id"
@@ -106,19 +119,26 @@ def validate_sources(session: Session, spec: JobSpec) -> None:
                                    "the file and give its dataset_id",
                                    field="model.pretrained_embeddings.path")
         assert emb.dataset_id is not None
-        if session.get(Dataset, emb.dataset_id) is None:
-            raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist", field=field)
+        try:
+            get_dataset(session, principal, emb.dataset_id)
+        except NotFound:
+            raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist",
+                                   field=field) from None
     _check_corpus_size(spec, stats)
 
 
-def create_job(session: Session, spec: JobSpec, *, enqueue: bool = False) -> Job:
-    """Validate ``spec`` against the stored datasets and add a queued job (not committed).
+def create_job(
+    session: Session, principal: Principal, spec: JobSpec, *, enqueue: bool = False
+) -> Job:
+    """Validate ``spec`` against the datasets ``principal`` may see and add a queued job
+    owned by ``principal`` (not committed).
     ``enqueue``: the caller hands it to the broker right after the commit, so its
     ``enqueued_at`` is set to its ``created_at`` (else NULL: not handed over yet)."""
-    validate_sources(session, spec)
+    validate_sources(session, principal, spec)
     now = utcnow()
     job = Job(
         id=new_id("job"),
+        owner_id=principal.id,
         name=spec.name,
         status=S.QUEUED,
         created_at=now,
@@ -134,7 +154,7 @@ def create_job(session: Session, spec: JobSpec, *, enqueue: bool = False) -> Job
 # -- cancel and enqueue failure ---------------------------------------------------------------
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     """A queued job is cancelled at once. A running one gets ``cancel_requested``: its runner
     notices it within about one heartbeat interval plus one step (or one evaluation batch),
     saves a ``last`` checkpoint and ends ``cancelled``; one that finishes training meanwhile
@@ -144,12 +164,12 @@ def cancel_job(session: Session, job_id: str) -> Job:
     A finished job is a :class:`Conflict` (``job_finished``), including one that finished
     between the read and the conditional update (the update then matched no running row)."""
     for _ in range(3):  # a job may move queued -> running -> queued (requeued) meanwhile
-        job = get_job(session, job_id)
+        job = get_job(session, principal, job_id)
         if job.status == S.QUEUED:
             try:
                 transition(session, job_id, S.CANCELLED, expect=[S.QUEUED],
                            cancel_requested=True)
-                return get_job(session, job_id)
+                return get_job(session, principal, job_id)
             except Conflict:
                 continue  # claimed meanwhile: cancel it as a running job
         if job.status == S.RUNNING:
@@ -160,10 +180,10 @@ def cancel_job(session: Session, job_id: str) -> Job:
                 .execution_options(synchronize_session=False)
             )
             if res.rowcount == 1:  # type: ignore[attr-defined]
-                return get_job(session, job_id)
+                return get_job(session, principal, job_id)
             continue  # it finished (or went back to the queue) meanwhile: look again
         break
-    job = get_job(session, job_id)
+    job = get_job(session, principal, job_id)
     raise Conflict(
         f"job {job_id} is already {job.status.value}", code="job_finished",
         details=[{"status": job.status.value}],
@@ -192,9 +212,9 @@ def attempt_histories(session: Session, job_ids: list[str]) -> dict[str, list[Jo
 
 
 def list_metrics(
-    session: Session, job_id: str, after_step: int, limit: int
+    session: Session, principal: Principal, job_id: str, after_step: int, limit: int
 ) -> tuple[list[Metric], bool]:
-    get_job(session, job_id)
+    get_job(session, principal, job_id)
     rows = list(
         session.scalars(
             select(Metric)
@@ -206,8 +226,8 @@ def list_metrics(
     return rows[:limit], len(rows) > limit
 
 
-def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
-    get_job(session, job_id)
+def list_checkpoints(session: Session, principal: Principal, job_id: str) -> list[Checkpoint]:
+    get_job(session, principal, job_id)
     return list(
         session.scalars(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
@@ -215,17 +235,19 @@ def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
     )
 
 
-def get_checkpoint(session: Session, job_id: str, checkpoint_id: str) -> Checkpoint:
-    get_job(session, job_id)
+def get_checkpoint(
+    session: Session, principal: Principal, job_id: str, checkpoint_id: str
+) -> Checkpoint:
+    get_job(session, principal, job_id)
     ckpt = session.get(Checkpoint, checkpoint_id)
     if ckpt is None or ckpt.job_id != job_id:
         raise NotFound(f"checkpoint {checkpoint_id!r} of job {job_id} not found")
     return ckpt
 
 
-def job_result(session: Session, job_id: str) -> dict[str, Any]:
+def job_result(session: Session, principal: Principal, job_id: str) -> dict[str, Any]:
     """The outcome of a finished job; :class:`Conflict` while it is queued or running."""
-    job = get_job(session, job_id)
+    job = get_job(session, principal, job_id)
     if job.status not in TERMINAL_STATES:
         raise Conflict(f"job {job_id} is {job.status.value}; its result is not ready",
                        code="job_not_finished", details=[{"status": job.status.value}])

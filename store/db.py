@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, and_, create_engine, event, or_, select, text
+from sqlalchemy import ColumnElement, Engine, and_, create_engine, event, or_, select, text, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -186,17 +186,22 @@ def downgrade_database(url: str, revision: str = "base") -> None:
 
 
 def newest_first_page(
-    session: Session, model: type[T], limit: int, after: str | None
+    session: Session, model: type[T], limit: int, after: str | None,
+    where: ColumnElement[bool] | None = None,
 ) -> tuple[list[T], bool]:
     """One page of ``model`` rows, newest first, and whether more follow. ``after`` is the id
     of the last row of the previous page: a keyset cursor over ``(created_at, id)``, stable
-    while new rows arrive. Raises ``ValidationFailed`` (field ``after``) for an unknown id."""
+    while new rows arrive. ``where``: only rows matching it (the cursor too). Raises
+    ``ValidationFailed`` (field ``after``) for an unknown id."""
     from core.errors import ValidationFailed
 
     created, ident = model.created_at, model.id  # type: ignore[attr-defined]
     query = select(model).order_by(created.desc(), ident.desc())
+    if where is not None:
+        query = query.where(where)
     if after is not None:
-        cursor = session.get(model, after)
+        cursor = session.scalar(select(model).where(ident == after, true() if where is None
+                                                    else where))
         if cursor is None:
             raise ValidationFailed(f"unknown cursor {after!r}", field="after")
         query = query.where(

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: datasets, jobs, per-step metrics and checkpoints.
+"""SQLAlchemy 2 models: API keys, datasets, jobs, per-step metrics and checkpoints.
 
 The database is the only record of a job's state (Celery only delivers ids). Every constraint
 has a name (the naming convention) so that migrations can refer to it on SQLite and PostgreSQL
@@ -92,6 +92,25 @@ def _str_enum(cls: type[enum.StrEnum], name: str) -> Enum:
     )
 
 
+class ApiKey(Base):
+    """An API key (``store.apikeys``): only its sha256 and a short visible ``prefix`` (its
+    first 12 characters, ``lmf_`` and 8 random ones, unique) are stored; the key itself is
+    shown once, at creation. ``name`` is the principal it acts for: keys created with the
+    same name share their datasets and jobs (so a key can be rotated: create a new one with
+    the same name, then revoke the old one). A revoked key (``revoked_at`` set) is refused."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the whole key
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
@@ -104,8 +123,15 @@ class Dataset(Base):
     num_words: Mapped[int] = mapped_column(BigInteger)  # whitespace-separated tokens
     storage_key: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The principal (app.auth.Principal.id: the name its API keys were created with) that
+    # uploaded it; only it and admins see it. NULL for rows older than migration 0004: only
+    # admins see those.
+    owner_id: Mapped[str | None] = mapped_column(String(40))
 
-    __table_args__ = (Index("ix_datasets_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_datasets_created_at_id", "created_at", "id"),
+        Index("ix_datasets_owner_id_created_at_id", "owner_id", "created_at", "id"),
+    )
 
 
 class Job(Base):
@@ -136,10 +162,15 @@ class Job(Base):
     latest_metrics: Mapped[dict[str, Any] | None]
     result: Mapped[dict[str, Any] | None]
     error: Mapped[dict[str, Any] | None]  # {code, message[, step]}
+    # The principal that submitted it (as Dataset.owner_id); NULL for jobs older than
+    # migration 0004, which only admins see.
+    owner_id: Mapped[str | None] = mapped_column(String(40))
 
     __table_args__ = (
         # Listing newest first with a (created_at, id) keyset cursor.
         Index("ix_jobs_created_at_id", "created_at", "id"),
+        # A principal's own jobs, newest first.
+        Index("ix_jobs_owner_id_created_at_id", "owner_id", "created_at", "id"),
         # The orphan sweep: running jobs with a stale heartbeat.
         Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
         # The queued sweep: queued jobs whose message may be lost.

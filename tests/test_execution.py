@@ -36,7 +36,7 @@ from lmforge.processes import EmbeddedServerError, free_port
 from store.db import session_scope
 from store.models import Job, JobStatus
 from store.progress import claim_job, finish_job
-from tests.support.jobenv import Env, make_env
+from tests.support.jobenv import OWNER, Env, make_env
 from tests.support.postgres import PostgresServer
 from worker.engine import trainer as trainer_module
 from worker.engine.model import LSTMLanguageModel
@@ -142,7 +142,7 @@ def test_a_cancel_is_noticed_within_a_heartbeat_not_at_the_next_flush(tmp_path: 
     # happened: the first would come at step 10,000).
     _wait_for("the first periodic checkpoint", _has_checkpoint(env, job_id, "periodic"))
     with session_scope(env.factory) as s:
-        accepted = cancel_job(s, job_id)
+        accepted = cancel_job(s, OWNER, job_id)
     asked_at = time.monotonic()
     assert accepted.status == JobStatus.RUNNING and accepted.cancel_requested
     assert run.finish() == JobStatus.CANCELLED
@@ -180,7 +180,7 @@ def _race_once(env: Env) -> tuple[str, dict[str, Any]]:
         barrier.wait()
         try:
             with session_scope(env.factory) as s:
-                cancel_job(s, job_id)
+                cancel_job(s, OWNER, job_id)
             outcome["cancel"] = "accepted"
         except Conflict as exc:
             outcome["cancel"] = exc.code
@@ -230,14 +230,14 @@ def test_a_cancel_that_arrives_after_training_ends_the_job_cancelled(tmp_path: P
     job_id = env.submit()
     with session_scope(env.factory) as s:
         assert claim_job(s, job_id, "w") is not None
-        cancel_job(s, job_id)
+        cancel_job(s, OWNER, job_id)
     with session_scope(env.factory) as s:
         status = finish_job(s, job_id, 1, JobStatus.SUCCEEDED, result={"steps": 12})
     assert status == JobStatus.CANCELLED
     job = env.job(job_id)
     assert (job.status, job.result) == (JobStatus.CANCELLED, {"steps": 12})
     with pytest.raises(Conflict) as err, session_scope(env.factory) as s:
-        cancel_job(s, job_id)
+        cancel_job(s, OWNER, job_id)
     assert err.value.code == "job_finished"
 
 

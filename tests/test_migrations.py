@@ -13,8 +13,8 @@ from sqlalchemy import inspect
 from store.db import downgrade_database, make_engine, upgrade_database
 from store.models import Base
 
-TABLES = {"alembic_version", "checkpoints", "datasets", "idempotency_keys", "job_attempts",
-          "jobs", "metrics"}
+TABLES = {"alembic_version", "api_keys", "checkpoints", "datasets", "idempotency_keys",
+          "job_attempts", "jobs", "metrics"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app import datasets, idempotency
+from app.auth import PrincipalDep
 from app.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.http_errors import ErrorBody
 from app.routes.uploads import receive_text_file
@@ -56,6 +57,7 @@ async def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut:
     """Stream a UTF-8 text file to storage (413 past ``LMFORGE_MAX_UPLOAD_BYTES``).
@@ -71,31 +73,34 @@ async def upload_dataset(
         {"name": upload.name, "filename": upload.filename, "sha256": upload.sha256,
          "bytes": upload.bytes})
     ttl = settings.idempotency_ttl_s
+    scope = idempotency.principal_scope(_DATASETS, principal.id)
 
     def save() -> tuple[DatasetOut, bool]:
         """The dataset and whether it is new; the stored copy is deleted unless it is."""
         created = False
         try:
             if idempotency_key is not None:
-                existing = idempotency.find(session, _DATASETS, idempotency_key, digest, ttl)
+                existing = idempotency.find(session, scope, idempotency_key, digest, ttl)
                 if existing is not None:
-                    return DatasetOut.model_validate(datasets.get_dataset(session, existing)), False
+                    return DatasetOut.model_validate(
+                        datasets.get_dataset(session, principal, existing)), False
             try:
                 row = datasets.add_dataset(
-                    session, dataset_id, name, upload.bytes, upload.sha256, upload.stats
+                    session, principal, dataset_id, name, upload.bytes, upload.sha256, upload.stats
                 )
                 if idempotency_key is not None:
-                    idempotency.remember(session, _DATASETS, idempotency_key, digest,
+                    idempotency.remember(session, scope, idempotency_key, digest,
                                          dataset_id, ttl)
                 session.commit()
             except IntegrityError:
                 # A concurrent upload with the same key committed first: return its dataset.
                 session.rollback()
-                winner = (idempotency.find(session, _DATASETS, idempotency_key, digest, ttl)
+                winner = (idempotency.find(session, scope, idempotency_key, digest, ttl)
                           if idempotency_key is not None else None)
                 if winner is None:
                     raise
-                return DatasetOut.model_validate(datasets.get_dataset(session, winner)), False
+                return DatasetOut.model_validate(
+                    datasets.get_dataset(session, principal, winner)), False
             created = True
             return DatasetOut.model_validate(row), True
         finally:
@@ -115,10 +120,11 @@ async def upload_dataset(
 @router.get("", response_model=DatasetList)
 def list_datasets(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     after: str | None = None,
 ) -> DatasetList:
-    rows, has_more = datasets.list_datasets(session, limit, after)
+    rows, has_more = datasets.list_datasets(session, principal, limit, after)
     return DatasetList(
         data=[DatasetOut.model_validate(r) for r in rows],
         has_more=has_more,
@@ -127,5 +133,5 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
-    return DatasetOut.model_validate(datasets.get_dataset(session, dataset_id))
+def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -> DatasetOut:
+    return DatasetOut.model_validate(datasets.get_dataset(session, principal, dataset_id))

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app import idempotency, jobs
+from app.auth import Principal, PrincipalDep
 from app.deps import EnqueuerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.http_errors import ErrorBody
 from app.routes.files import blob_response
@@ -56,6 +57,7 @@ def create_job(
     session: SessionDep,
     enqueuer: EnqueuerDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
     """Record the job (201, ``queued``), commit, then hand its id to the broker
@@ -69,25 +71,26 @@ def create_job(
     (``idempotency_key_reused``); see :mod:`app.idempotency`."""
     digest = idempotency.request_digest(spec.model_dump(mode="json"))
     ttl = settings.idempotency_ttl_s
+    scope = idempotency.principal_scope(_JOBS, principal.id)
     if idempotency_key is not None:
-        existing = idempotency.find(session, _JOBS, idempotency_key, digest, ttl)
+        existing = idempotency.find(session, scope, idempotency_key, digest, ttl)
         if existing is not None:
-            return _replayed(session, response, existing)
+            return _replayed(session, principal, response, existing)
     try:
         # Stored as handed to the broker (enqueued_at = created_at), so that the queued sweep
         # does not enqueue it too while this request publishes; cleared if the broker refuses.
-        job = jobs.create_job(session, spec, enqueue=True)
+        job = jobs.create_job(session, principal, spec, enqueue=True)
         if idempotency_key is not None:
-            idempotency.remember(session, _JOBS, idempotency_key, digest, job.id, ttl)
+            idempotency.remember(session, scope, idempotency_key, digest, job.id, ttl)
         session.commit()
     except IntegrityError:
         # A concurrent request with the same key committed first: return its job.
         session.rollback()
-        winner = (idempotency.find(session, _JOBS, idempotency_key, digest, ttl)
+        winner = (idempotency.find(session, scope, idempotency_key, digest, ttl)
                   if idempotency_key is not None else None)
         if winner is None:
             raise
-        return _replayed(session, response, winner)
+        return _replayed(session, principal, response, winner)
     out = JobOut.model_validate(job)
     assert job.enqueued_at is not None
     if not _enqueue(session, enqueuer, job.id, job.enqueued_at):
@@ -98,12 +101,14 @@ def create_job(
     return out
 
 
-def _replayed(session: Session, response: Response, job_id: str) -> JobOut:
+def _replayed(
+    session: Session, principal: Principal, response: Response, job_id: str
+) -> JobOut:
     """The answer to a retry: the job an earlier request with the same key created."""
     response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return _out(session, jobs.get_job(session, job_id))
+    return _out(session, jobs.get_job(session, principal, job_id))
 
 
 def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str, claimed_at: datetime) -> bool:
@@ -146,11 +151,12 @@ def _outs(session: Session, rows: list[Job]) -> list[JobOut]:
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     after: Annotated[str | None, Query(description="id of the last job of the previous page")]
     = None,
 ) -> JobList:
-    rows, has_more = jobs.list_jobs(session, limit, after)
+    rows, has_more = jobs.list_jobs(session, principal, limit, after)
     return JobList(
         data=_outs(session, rows),
         has_more=has_more,
@@ -159,17 +165,17 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """The job, its progress, its ``error`` (``{code, message, retryable, phase, step}``) when
     it failed, and ``attempt_history``: one entry per attempt at running it."""
-    return _out(session, jobs.get_job(session, job_id))
+    return _out(session, jobs.get_job(session, principal, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next step, keeping a last checkpoint.
     Finished: 409."""
-    job = jobs.cancel_job(session, job_id)
+    job = jobs.cancel_job(session, principal, job_id)
     session.commit()
     return _out(session, job)
 
@@ -178,21 +184,22 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 def list_metrics(
     job_id: str,
     session: SessionDep,
+    principal: PrincipalDep,
     after_step: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricList:
-    rows, has_more = jobs.list_metrics(session, job_id, after_step, limit)
+    rows, has_more = jobs.list_metrics(session, principal, job_id, after_step, limit)
     return MetricList(data=[metric_out(r) for r in rows], has_more=has_more)
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
-def get_result(job_id: str, session: SessionDep) -> BaseModel:
-    return JobResultOut.model_validate(jobs.job_result(session, job_id))
+def get_result(job_id: str, session: SessionDep, principal: PrincipalDep) -> BaseModel:
+    return JobResultOut.model_validate(jobs.job_result(session, principal, job_id))
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
-def list_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
-    rows = jobs.list_checkpoints(session, job_id)
+def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep) -> CheckpointList:
+    rows = jobs.list_checkpoints(session, principal, job_id)
     return CheckpointList(data=[CheckpointOut.model_validate(r) for r in rows])
 
 
@@ -212,13 +219,14 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.head(_DOWNLOAD, response_class=FileResponse, responses=_DOWNLOAD_RESPONSES,
              operation_id="head_checkpoint", summary="Checkpoint download headers")
 def download_checkpoint(
-    job_id: str, checkpoint_id: str, request: Request, session: SessionDep, storage: StorageDep
+    job_id: str, checkpoint_id: str, request: Request, session: SessionDep, storage: StorageDep,
+    principal: PrincipalDep,
 ) -> Response:
     """The checkpoint as one safetensors file. Its sha256 is in ``X-Checkpoint-SHA256`` (hex),
     the strong ``ETag`` (the hex in quotes) and ``Repr-Digest`` (RFC 9530). ``HEAD`` gives the
     headers alone; ``If-None-Match`` with the ETag gives 304; ``Range`` gives 206 (see
     :mod:`app.routes.files`). A checkpoint whose bytes fail their sha256 is never served."""
-    ckpt = jobs.get_checkpoint(session, job_id, checkpoint_id)
+    ckpt = jobs.get_checkpoint(session, principal, job_id, checkpoint_id)
     b64 = base64.b64encode(bytes.fromhex(ckpt.sha256)).decode()
     return blob_response(
         request, storage, ckpt.storage_key,

@@ -1,9 +1,12 @@
 """API unit tests: a real app on a real SQLite file in tmp_path; only the enqueuer is a fake
-(recording), installed with ``app.dependency_overrides``. No Redis, no Celery, no torch."""
+(recording), installed with ``app.dependency_overrides``. No Redis, no Celery, no torch.
+
+``client`` sends a real API key of the (non-admin) principal ``tester`` with every request;
+``make_key`` creates more keys in the same database."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.deps import get_enqueuer
 from app.main import create_app
+from store import apikeys
+from store.db import session_scope
 from store.settings import Settings
 
 # Enough text for the default spec: one batch of 32 x 65 tokens after holding out 10%.
@@ -47,11 +52,31 @@ def enqueuer() -> RecordingEnqueuer:
     return RecordingEnqueuer()
 
 
+def create_key(factory: sessionmaker[Session], name: str, *, admin: bool = False) -> str:
+    """A new API key of principal ``name``, stored in the database of ``factory``."""
+    with session_scope(factory) as s:
+        return apikeys.create_key(s, name, is_admin=admin).key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def authorize(client: TestClient, name: str = "tester", *, admin: bool = False) -> str:
+    """Create a key of principal ``name`` in the started ``client``'s database and send it
+    with the client's requests from now on; returns the key."""
+    key = create_key(client.app.state.session_factory, name,  # type: ignore[attr-defined]
+                     admin=admin)
+    client.headers.update(bearer(key))
+    return key
+
+
 @pytest.fixture
 def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
     app = create_app(settings)
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
     with TestClient(app, raise_server_exceptions=False) as c:
+        authorize(c)
         yield c
 
 
@@ -59,6 +84,16 @@ def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClie
 def session_factory(client: TestClient) -> sessionmaker[Session]:
     factory: sessionmaker[Session] = client.app.state.session_factory  # type: ignore[attr-defined]
     return factory
+
+
+@pytest.fixture
+def make_key(session_factory: sessionmaker[Session]) -> Callable[..., str]:
+    """``make_key(name, admin=False)``: a new API key in the client's database."""
+
+    def make(name: str, admin: bool = False) -> str:
+        return create_key(session_factory, name, admin=admin)
+
+    return make
 
 
 def upload(client: TestClient, text: str | bytes = CORPUS, name: str | None = "corpus") -> Any:

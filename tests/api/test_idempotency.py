@@ -23,7 +23,7 @@ from app.main import create_app
 from store.db import session_scope
 from store.models import Dataset, IdempotencyKey, Job, utcnow
 from store.settings import Settings
-from tests.api.conftest import CORPUS, RecordingEnqueuer, small_spec, upload
+from tests.api.conftest import CORPUS, RecordingEnqueuer, authorize, small_spec, upload
 
 KEY = "Idempotency-Key"
 # Requests racing with one key (threads of one test client; the routes run in its threadpool).
@@ -46,6 +46,7 @@ def any_client(backend_settings: Settings, enqueuer: RecordingEnqueuer) -> Itera
     app = create_app(backend_settings)
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
     with TestClient(app, raise_server_exceptions=False) as c:
+        authorize(c)
         yield c
 
 
@@ -245,11 +246,12 @@ def test_a_key_stored_by_a_concurrent_request_after_the_check_wins(
     real_create = app_jobs.create_job
     inner: list[Any] = []
 
-    def create_after_a_rival(session: Session, job_spec: Any, **kwargs: Any) -> Job:
+    def create_after_a_rival(session: Session, principal: Any, job_spec: Any,
+                             **kwargs: Any) -> Job:
         if not inner:  # request A: let request B through first
             inner.append(None)
             inner[0] = any_client.post("/v1/jobs", json=spec, headers={KEY: "k"})
-        return real_create(session, job_spec, **kwargs)
+        return real_create(session, principal, job_spec, **kwargs)
 
     monkeypatch.setattr(app_jobs, "create_job", create_after_a_rival)
     a = any_client.post("/v1/jobs", json=spec, headers={KEY: "k"})

@@ -27,13 +27,15 @@ from store.db import session_scope
 from store.progress import claim_job, record_checkpoint
 from store.settings import Settings
 from store.sweep import sweep_queued
-from tests.api.conftest import RecordingEnqueuer, small_spec, upload
+from tests.api.conftest import RecordingEnqueuer, authorize, small_spec, upload
 
 # Safety net while the restarted server comes back, not a measured bound.
 RECOVERY_DEADLINE_S = 120.0
 
 
-def _requests(job_id: str, ckpt_id: str, ds_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+def _requests(
+    job_id: str, ckpt_id: str, ds_id: str, key_prefix: str
+) -> list[tuple[str, str, dict[str, Any]]]:
     """One request per route and method of the API, with real ids."""
     j, files = f"/v1/jobs/{job_id}", {"file": ("c.txt", b"some text\n" * 50, "text/plain")}
     return [
@@ -50,12 +52,15 @@ def _requests(job_id: str, ckpt_id: str, ds_id: str) -> list[tuple[str, str, dic
         ("GET", f"{j}/checkpoints", {}),
         ("GET", f"{j}/checkpoints/{ckpt_id}/download", {}),
         ("HEAD", f"{j}/checkpoints/{ckpt_id}/download", {}),
+        ("POST", "/v1/keys", {"json": {"name": "other"}}),
+        ("GET", "/v1/keys", {}),
+        ("DELETE", f"/v1/keys/{key_prefix}", {}),
     ]
 
 
-def _route_template(path: str, job_id: str, ckpt_id: str, ds_id: str) -> str:
+def _route_template(path: str, job_id: str, ckpt_id: str, ds_id: str, key_prefix: str) -> str:
     return (path.replace(ckpt_id, "{checkpoint_id}").replace(job_id, "{job_id}")
-            .replace(ds_id, "{dataset_id}"))
+            .replace(ds_id, "{dataset_id}").replace(key_prefix, "{prefix}"))
 
 
 def test_every_route_answers_503_while_the_database_is_down_and_recovers(
@@ -66,6 +71,8 @@ def test_every_route_answers_503_while_the_database_is_down_and_recovers(
     app = create_app(settings)
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
     with TestClient(app, raise_server_exceptions=False) as client:
+        authorize(client, "admin", admin=True)
+        other_key = client.post("/v1/keys", json={"name": "other"}).json()["prefix"]
         ds_id = upload(client).json()["id"]
         job = client.post("/v1/jobs", json=small_spec(ds_id)).json()
         factory = client.app.state.session_factory  # type: ignore[attr-defined]
@@ -75,11 +82,11 @@ def test_every_route_answers_503_while_the_database_is_down_and_recovers(
         with session_scope(factory) as s:
             ckpt, _ = record_checkpoint(s, storage, job["id"], 1,
                                         CheckpointBlob(K.LAST, 2, b"weights" * 100, {}), 3)
-        requests = _requests(job["id"], ckpt.id, ds_id)
+        requests = _requests(job["id"], ckpt.id, ds_id, other_key)
         # Every route of the API is exercised below.
         routes = {(m.upper(), path) for path, ops in app.openapi()["paths"].items()
                   for m in ops if path != "/healthz"}
-        assert routes == {(m, _route_template(p, job["id"], ckpt.id, ds_id))
+        assert routes == {(m, _route_template(p, job["id"], ckpt.id, ds_id, other_key))
                           for m, p, _ in requests}
         datasets_before = sorted((storage.root / "datasets").iterdir())
 
@@ -131,6 +138,7 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
         settings = Settings(LMFORGE_HOME=tmp_path / "home", REDIS_URL=broker.url,
                             DATABASE_URL=f"sqlite:///{tmp_path / 'api.db'}")
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            authorize(client)
             ds_id = upload(client).json()["id"]
             broker.stop()
             r = client.post("/v1/jobs", json=small_spec(ds_id))

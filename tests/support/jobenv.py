@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.auth import Principal
 from app.datasets import add_dataset, new_dataset_id, storage_key
 from app.jobs import create_job
 from core.corpora import find_corpus
@@ -22,6 +23,8 @@ from store.settings import Settings
 from store.storage import LocalStorage
 from worker.runner import run_job
 
+# The owner of the environment's dataset and jobs.
+OWNER = Principal(id="runner", name="runner", is_admin=False)
 SHAKESPEARE = find_corpus("tinyshakespeare/input.txt")
 
 
@@ -54,7 +57,7 @@ class Env:
                          "log_interval": 4, "num_threads": 1, **training},
         })
         with session_scope(self.factory) as s:
-            return create_job(s, spec).id
+            return create_job(s, OWNER, spec).id
 
     def run(self, job_id: str, **kwargs: Any) -> JobStatus | None:
         return run_job(job_id, session_factory=self.factory, storage=self.storage,
@@ -101,5 +104,5 @@ def make_env(home: Path, database_url: str | None = None, **settings: Any) -> En
     ds = new_dataset_id()
     size, sha = storage.put_bytes(storage_key(ds), text.encode())
     with session_scope(factory) as session:
-        add_dataset(session, ds, "corpus", size, sha, text_stats(text))
+        add_dataset(session, OWNER, ds, "corpus", size, sha, text_stats(text))
     return Env(factory, storage, s, ds)
