@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 # Seconds a client should wait before retrying a request that met a database outage (the
 # ``Retry-After`` of its 503): about how long a restarting PostgreSQL takes to accept again.
 DATABASE_RETRY_AFTER_S = 5
+# A 422 reports at most this many validation errors, each field and message cut to this many
+# characters (docs/security.md, "Quotas and resource limits").
+MAX_VALIDATION_ERRORS = 10
+MAX_ERROR_CHARS = 200
 
 
 class ErrorDetail(BaseModel):
@@ -125,6 +129,22 @@ def validation_details(
     return out
 
 
+def bounded_validation_details(
+    errors: Any, root: type[BaseModel] | None = None
+) -> tuple[list[dict[str, Any]], str]:
+    """The :func:`validation_details` of the first :data:`MAX_VALIDATION_ERRORS` of ``errors``,
+    each field and message cut to :data:`MAX_ERROR_CHARS`, and what to append to the message
+    about the errors left out ("" when none), so that a body of a million unknown keys gets
+    a small answer."""
+    details = validation_details(list(errors[:MAX_VALIDATION_ERRORS]), root)
+    for d in details:
+        for k in ("field", "message"):
+            if isinstance(d[k], str) and len(d[k]) > MAX_ERROR_CHARS:
+                d[k] = d[k][:MAX_ERROR_CHARS] + "..."
+    more = len(errors) - len(details)
+    return details, f"; and {more} more errors not shown" if more > 0 else ""
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the database cannot be used right now (a lost or refused
     connection, a server shutting down, a lock or pool timeout) rather than a bug in the
@@ -159,11 +179,11 @@ def install_error_handlers(app: FastAPI, body_model: type[BaseModel] | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = validation_details(list(exc.errors()), body_model)
+        details, not_shown = bounded_validation_details(exc.errors(), body_model)
         fields = [d["field"] for d in details if d["field"]]
         message = "; ".join(
             f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details
-        )
+        ) + not_shown
         return error_response(
             422, "validation_error", message or "invalid request",
             fields[0] if fields else None, details,

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.auth import Principal, owner_filter
 from app.datasets import get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
@@ -35,6 +36,7 @@ from store.models import (
     new_id,
     utcnow,
 )
+from store.settings import Settings
 from store.status import TERMINAL_STATES, transition
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,12 @@ def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
                                field=shortfall.field, details=[shortfall.details(spec)])
 
 
-def validate_sources(session: Session, principal: Principal, spec: JobSpec) -> None:
+def validate_sources(session: Session, principal: Principal,
+                     spec: JobSpec) -> dict[str, TextStats]:
     """Check what the spec alone cannot: datasets exist and are ``principal``'s (another
-    principal's dataset "does not exist"), no server-side paths, enough text."""
+    principal's dataset "does not exist"), no server-side paths, enough text. Returns the
+    text statistics of the splits' datasets (``train``, and ``validation``/``test`` when
+    separate)."""
     assert spec.dataset is not None
     stats: dict[str, TextStats] = {
         "train": _source_stats(
@@ -125,16 +130,24 @@ def validate_sources(session: Session, principal: Principal, spec: JobSpec) -> N
             raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist",
                                    field=field) from None
     _check_corpus_size(spec, stats)
+    return stats
 
 
 def create_job(
-    session: Session, principal: Principal, spec: JobSpec, *, enqueue: bool = False
+    session: Session, principal: Principal, spec: JobSpec, *, enqueue: bool = False,
+    settings: Settings | None = None,
 ) -> Job:
     """Validate ``spec`` against the datasets ``principal`` may see and add a queued job
     owned by ``principal`` (not committed).
     ``enqueue``: the caller hands it to the broker right after the commit, so its
-    ``enqueued_at`` is set to its ``created_at`` (else NULL: not handed over yet)."""
-    validate_sources(session, principal, spec)
+    ``enqueued_at`` is set to its ``created_at`` (else NULL: not handed over yet).
+    ``settings``: also apply the service's limits (:mod:`app.quotas`: the job's size, 422
+    ``job_too_large``/``eval_too_large``; the principal's job quotas, 429 ``quota_exceeded``)."""
+    stats = validate_sources(session, principal, spec)
+    if settings is not None:
+        quotas.check_job_size(spec, settings, stats["train"],
+                              estimate_split_tokens(spec, stats).get("validation"))
+        quotas.check_job_quota(session, principal, settings)
     now = utcnow()
     job = Job(
         id=new_id("job"),

@@ -10,10 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.http_errors import install_error_handlers
+from app.quotas import enforce_rate_limit, install_limits
 from app.routes import api_router, health_router
 from core.spec import JobSpec
 from store.db import make_engine, make_session_factory, upgrade_database
@@ -55,7 +56,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app, body_model=JobSpec)
-    app.include_router(api_router, prefix="/v1")
+    install_limits(app)  # body size limit (413), rate limit's 429 handler: app.quotas
+    app.include_router(api_router, prefix="/v1", dependencies=[Depends(enforce_rate_limit)])
     app.include_router(health_router)
     return app
 

@@ -55,6 +55,31 @@ class Settings(BaseSettings):
     # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
     token_cache_dir: Path | None = Field(default=None, alias="LMFORGE_TOKEN_CACHE_DIR")
 
+    # -- Quotas and resource limits (docs/security.md, "Quotas and resource limits") ----------
+    # A job's size, checked at submission (core.estimate; 422 job_too_large): its parameters,
+    # and its estimated training memory (bytes) on its device class ("auto" must fit both).
+    max_params: int = Field(default=200_000_000, ge=1, alias="LMFORGE_MAX_PARAMS")
+    max_train_memory_bytes_cpu: int = Field(default=32 * 1024**3, ge=1,
+                                            alias="LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU")
+    max_train_memory_bytes_cuda: int = Field(default=80 * 1024**3, ge=1,
+                                             alias="LMFORGE_MAX_TRAIN_MEMORY_BYTES_CUDA")
+    # The most validation tokens one evaluation may read (training.eval_tokens may not exceed
+    # it unless the validation split is smaller; 422 eval_too_large).
+    max_eval_tokens: int = Field(default=10_000_000, ge=2, alias="LMFORGE_MAX_EVAL_TOKENS")
+    # Per principal (admins are exempt; 0 = no limit): jobs running and jobs queued when a job
+    # is submitted (429 quota_exceeded), bytes of stored datasets (409 quota_exceeded),
+    # requests per minute (429 rate_limited with Retry-After, counted in Redis at REDIS_URL),
+    # concurrent event streams (none exist yet: app.quotas.stream_slot).
+    quota_running_jobs: int = Field(default=4, ge=0, alias="LMFORGE_QUOTA_RUNNING_JOBS")
+    quota_queued_jobs: int = Field(default=20, ge=0, alias="LMFORGE_QUOTA_QUEUED_JOBS")
+    quota_dataset_bytes: int = Field(default=10 * 1024**3, ge=0,
+                                     alias="LMFORGE_QUOTA_DATASET_BYTES")
+    rate_limit_per_minute: int = Field(default=600, ge=0, alias="LMFORGE_RATE_LIMIT_PER_MINUTE")
+    quota_streams: int = Field(default=4, ge=0, alias="LMFORGE_QUOTA_STREAMS")
+    # Largest request body other than a dataset upload (bytes; 413 payload_too_large).
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1,
+                                     alias="LMFORGE_MAX_JSON_BODY_BYTES")
+
     @property
     def heartbeat_interval_s(self) -> float:
         """How often a running job renews its lease (and polls for a cancel): a sixth of the

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from app import datasets, idempotency
+from app import datasets, idempotency, quotas
 from app.auth import PrincipalDep
 from app.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.http_errors import ErrorBody
@@ -65,6 +65,8 @@ async def upload_dataset(
     With ``Idempotency-Key``: a retry with the same key, name, file name and content returns
     the dataset the first request made (200, ``Idempotent-Replayed: true``; the new copy is
     discarded); the same key with another upload is 409 (``idempotency_key_reused``)."""
+    # Over the dataset-bytes quota already: refused before a byte is read (409).
+    await run_in_threadpool(quotas.check_dataset_quota, session, principal, settings, 1)
     dataset_id = datasets.new_dataset_id()
     key = datasets.storage_key(dataset_id)
     upload = await receive_text_file(request, storage, key, settings.max_upload_bytes)
@@ -85,6 +87,7 @@ async def upload_dataset(
                     return DatasetOut.model_validate(
                         datasets.get_dataset(session, principal, existing)), False
             try:
+                quotas.check_dataset_quota(session, principal, settings, upload.bytes)
                 row = datasets.add_dataset(
                     session, principal, dataset_id, name, upload.bytes, upload.sha256, upload.stats
                 )

@@ -79,7 +79,7 @@ def create_job(
     try:
         # Stored as handed to the broker (enqueued_at = created_at), so that the queued sweep
         # does not enqueue it too while this request publishes; cleared if the broker refuses.
-        job = jobs.create_job(session, principal, spec, enqueue=True)
+        job = jobs.create_job(session, principal, spec, enqueue=True, settings=settings)
         if idempotency_key is not None:
             idempotency.remember(session, scope, idempotency_key, digest, job.id, ttl)
         session.commit()
