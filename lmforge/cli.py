@@ -4,6 +4,9 @@
     lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
     lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
     lmforge db upgrade                      upgrade the database schema to the newest revision
+    lmforge keys create --name NAME [--admin]   create an API key; prints only the key
+    lmforge keys list                       list API keys (prefix, name, admin, dates)
+    lmforge keys revoke PREFIX              revoke the API key with this prefix
     lmforge train SPEC.json --output DIR [--overwrite | --resume] [--cache-dir D | --no-cache]
                                             train without any service
     lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
@@ -20,6 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -31,6 +35,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.auth import check_bind
+    from store.settings import get_settings
+
+    check_bind(get_settings().auth, args.host)
     uvicorn.run(
         "app.main:app",
         host=args.host,
@@ -77,6 +85,71 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
         settings.lmforge_home.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.sqlalchemy_url)
     print(f"database upgraded: {_redact(settings.sqlalchemy_url)}")
+    return 0
+
+
+def _keys_session() -> Any:
+    """A session factory on the configured database (``DATABASE_URL`` or the SQLite file
+    under ``LMFORGE_HOME``), its schema upgraded first (idempotent)."""
+    from store.db import make_engine, make_session_factory, upgrade_database
+    from store.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url is None:
+        settings.lmforge_home.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.sqlalchemy_url)
+    return make_session_factory(make_engine(settings.sqlalchemy_url))
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from core.errors import ValidationFailed
+    from store import apikeys
+    from store.db import session_scope
+
+    try:
+        apikeys.validate_name(args.name)
+    except ValidationFailed as exc:
+        print(f"lmforge keys create: {exc.message}", file=sys.stderr)
+        return 2
+    with session_scope(_keys_session()) as session:
+        created = apikeys.create_key(session, args.name, is_admin=args.admin)
+        prefix = created.row.prefix
+    # The key is the only line on stdout, so that scripts can capture it; it is not stored.
+    print(created.key, flush=True)
+    print(f"created {'admin ' if args.admin else ''}key {prefix}... for {args.name!r}; it is "
+          "shown only this once", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from store import apikeys
+    from store.db import session_scope
+
+    def when(t: Any) -> str:
+        return "-" if t is None else t.strftime("%Y-%m-%d %H:%M:%SZ")
+
+    with session_scope(_keys_session()) as session:
+        rows = apikeys.list_keys(session)
+        print(f"{'PREFIX':<14}{'NAME':<24}{'ADMIN':<7}{'CREATED':<22}{'LAST USED':<22}REVOKED")
+        for r in rows:
+            print(f"{r.prefix:<14}{r.name:<24}{'yes' if r.is_admin else 'no':<7}"
+                  f"{when(r.created_at):<22}{when(r.last_used_at):<22}{when(r.revoked_at)}")
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from core.errors import NotFound
+    from store import apikeys
+    from store.db import session_scope
+
+    try:
+        with session_scope(_keys_session()) as session:
+            row = apikeys.revoke_key(session, args.prefix)
+            name = row.name
+    except NotFound as exc:
+        print(f"lmforge keys revoke: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"revoked key {args.prefix} of {name!r}")
     return 0
 
 
@@ -153,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     upgrade = db_sub.add_parser("upgrade", help="upgrade the schema to the newest revision")
     upgrade.set_defaults(func=_cmd_db_upgrade)
+
+    keys = sub.add_parser("keys", help="manage API keys (on the database directly)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    create = keys_sub.add_parser(
+        "create", help="create an API key and print it (its only line on stdout)",
+        description="Create an API key for principal NAME and print it: the key is shown only "
+                    "this once (only its hash is stored). Keys with the same NAME share "
+                    "datasets and jobs, so a key is rotated by creating a new one with the "
+                    "same name and revoking the old one.")
+    create.add_argument("--name", required=True,
+                        help="the principal: 1-40 letters, digits and _ . @ -")
+    create.add_argument("--admin", action="store_true",
+                        help="an admin key: sees every principal's resources, manages keys")
+    create.set_defaults(func=_cmd_keys_create)
+    keys_list = keys_sub.add_parser("list", help="list API keys (never the keys themselves)")
+    keys_list.set_defaults(func=_cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke an API key by its prefix")
+    revoke.add_argument("prefix", metavar="PREFIX", help="the key's prefix (lmf_ + 8 characters)")
+    revoke.set_defaults(func=_cmd_keys_revoke)
 
     train = sub.add_parser("train", help="train a model locally, without the service")
     train.add_argument("spec", metavar="SPEC.json", help="a job spec (JSON)")

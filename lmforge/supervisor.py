@@ -7,6 +7,10 @@ down) and its own process group (a terminal's Ctrl-C reaches only the supervisor
 stops the children in order: API, worker, Redis). If any child exits on its own, the
 supervisor stops the rest and exits non-zero.
 
+After the schema upgrade it creates the first admin API key when the database has no admin key
+at all (revoked ones count: revoking it never makes a restart mint a new one) and prints it,
+once. With ``LMFORGE_AUTH=disabled`` it refuses a non-loopback ``--host``.
+
 The supervisor never imports torch, FastAPI or Celery; the children do.
 """
 
@@ -94,6 +98,7 @@ class Supervisor:
             self._stop_all()
 
     def _start(self) -> None:
+        self._check_auth()
         self._check_port_free()
         self.home.mkdir(parents=True, exist_ok=True)
         os.environ["LMFORGE_HOME"] = str(self.home.resolve())
@@ -106,6 +111,7 @@ class Supervisor:
             logger.info("embedded Redis at %s", self.redis.url)
         self._check_stop()
         self._upgrade_database()
+        first_key = self._first_admin_key()
         self._check_stop()
         env = os.environ.copy()
         cli = [sys.executable, "-m", "lmforge.cli"]
@@ -120,6 +126,40 @@ class Supervisor:
             f"{os.environ['LMFORGE_HOME']}). Press Ctrl-C to stop.",
             flush=True,
         )
+        if first_key is not None:
+            print(f"Admin API key (shown only this once; send it as 'Authorization: Bearer "
+                  f"<key>'): {first_key}", flush=True)
+
+    def _check_auth(self) -> None:
+        from app.auth import check_bind
+        from store.settings import get_settings
+
+        get_settings.cache_clear()
+        try:
+            check_bind(get_settings().auth, self.host)
+        except SystemExit as exc:
+            raise StartupError(str(exc)) from None
+
+    def _first_admin_key(self) -> str | None:
+        """A new admin key named ``admin`` when the database has no admin key at all (and
+        keys are required), else None."""
+        from store import apikeys
+        from store.db import make_engine, make_session_factory, session_scope
+        from store.settings import get_settings
+
+        settings = get_settings()
+        if settings.auth == "disabled":
+            return None
+        engine = make_engine(settings.sqlalchemy_url)
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                if apikeys.has_admin_key(session):
+                    return None
+                return apikeys.create_key(session, "admin", is_admin=True).key
+        except Exception as exc:
+            raise StartupError(f"could not create the first admin key: {exc}") from exc
+        finally:
+            engine.dispose()
 
     def _check_port_free(self) -> None:
         with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:

@@ -114,6 +114,6 @@ def revoke_key(session: Session, prefix: str, at: datetime | None = None) -> Api
 
 
 def has_admin_key(session: Session) -> bool:
-    """Whether an unrevoked admin key exists."""
-    return session.scalar(select(ApiKey.id).where(ApiKey.is_admin.is_(True),
-                                                  ApiKey.revoked_at.is_(None)).limit(1)) is not None
+    """Whether any admin key was ever created (revoked ones included): ``lmforge up`` makes
+    the first one only when none was."""
+    return session.scalar(select(ApiKey.id).where(ApiKey.is_admin.is_(True)).limit(1)) is not None

@@ -6,7 +6,8 @@
   ``make_postgres_database()`` makes more.
 - ``sqlite_url``: a fresh SQLite file per test.
 - ``start_service(database_url)``: a real API (uvicorn) and a real Celery worker
-  (``lmforge worker``) as subprocesses, each on its own Redis database number.
+  (``lmforge worker``) as subprocesses, each on its own Redis database number; its
+  ``client`` sends an API key of principal ``tester`` made with ``lmforge keys create``.
 - ``service``: one started service per database backend (``sqlite``, ``postgres``), shared by
   the tests of the session; tests using it run once per backend.
 - ``procs``: helpers to list a process's descendants and wait until processes are gone.
@@ -144,7 +145,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @dataclass(eq=False)
 class Service:
-    """A running API and worker. ``client`` talks to the API (base URL set)."""
+    """A running API and worker. ``client`` talks to the API (base URL set) with ``key`` (an
+    API key of the non-admin principal ``tester``); ``env`` is the services' environment
+    (for more ``lmforge`` commands on the same database)."""
 
     name: str
     base_url: str
@@ -152,6 +155,8 @@ class Service:
     database_url: str
     redis_url: str
     client: httpx.Client
+    key: str = ""
+    env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
@@ -207,11 +212,14 @@ def start_service(
             "PYTHONUNBUFFERED": "1",
         }
         cli = [sys.executable, "-m", "lmforge.cli"]
-        upgrade = subprocess.run(
-            [*cli, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
+        # Upgrades the schema too; the key is its only line on stdout.
+        created = subprocess.run(
+            [*cli, "keys", "create", "--name", "tester"], env=env, capture_output=True,
+            text=True, check=False,
         )
-        if upgrade.returncode != 0:
-            raise RuntimeError(f"lmforge db upgrade failed:\n{upgrade.stdout}\n{upgrade.stderr}")
+        if created.returncode != 0:
+            raise RuntimeError(f"lmforge keys create failed:\n{created.stdout}\n{created.stderr}")
+        key = created.stdout.strip()
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         service = Service(
@@ -220,7 +228,10 @@ def start_service(
             home=home,
             database_url=database_url,
             redis_url=svc_redis,
-            client=httpx.Client(base_url=base_url, timeout=30.0),
+            client=httpx.Client(base_url=base_url, timeout=30.0,
+                                headers={"Authorization": f"Bearer {key}"}),
+            key=key,
+            env=env,
         )
         started.append(service)
         _active_services.append(service)

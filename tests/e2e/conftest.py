@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,28 @@ WAIT_TIMEOUT_S = 150.0
 # Small enough that 200 steps take seconds on 2 CPU cores, big enough to learn something.
 SMALL_MODEL = {"embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.0}
 SMALL_TRAINING = {"batch_size": 16, "seq_len": 32, "seed": 0, "device": "cpu", "num_threads": 1}
+
+
+# The line `lmforge up` prints with the first admin key it creates.
+ADMIN_KEY_LINE = re.compile(r"^Admin API key \(shown only this once.*: (lmf_[A-Za-z0-9]+)$",
+                            re.MULTILINE)
+
+
+def printed_admin_keys(log: str) -> list[str]:
+    """The admin keys that `lmforge up` printed in ``log``."""
+    return ADMIN_KEY_LINE.findall(log)
+
+
+def wait_for_admin_key(read_log: Callable[[], str], alive: Callable[[], bool]) -> str:
+    """The admin key `lmforge up` prints right after it is healthy (polls ``read_log``)."""
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        keys = printed_admin_keys(read_log())
+        if keys:
+            return keys[0]
+        assert alive(), read_log()
+        time.sleep(0.1)
+    pytest.fail(f"lmforge up printed no admin key:\n{read_log()}")
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

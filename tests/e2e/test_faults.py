@@ -44,11 +44,19 @@ from lmforge.processes import (
     kill_process_group,
     spawn,
 )
+from store import apikeys
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from store.models import Job
 from store.queue import QUEUE, CeleryEnqueuer, make_celery
 from store.settings import Settings
-from tests.e2e.conftest import SMALL_MODEL, SMALL_TRAINING, Api, deep_merge
+from tests.e2e.conftest import (
+    SMALL_MODEL,
+    SMALL_TRAINING,
+    Api,
+    deep_merge,
+    printed_admin_keys,
+    wait_for_admin_key,
+)
 from tests.test_sweep import enter_cgroup, make_memory_cgroup
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -95,10 +103,13 @@ class Stack:
         upgrade_database(database_url)
         self.engine = make_engine(database_url)
         self.factory = make_session_factory(self.engine)
+        with session_scope(self.factory) as s:
+            key = apikeys.create_key(s, "tester").key
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.api_proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60.0)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60.0,
+                                   headers={"Authorization": f"Bearer {key}"})
         self.api = Api(self, BUILTIN)
         self._started: list[subprocess.Popen[bytes]] = []
 
@@ -446,7 +457,10 @@ def test_redis_restarted_mid_job_training_goes_on_and_jobs_are_consumed_after(
 
 
 class Up:
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    """`lmforge up` on ``home``; its client sends ``key``, or else the admin key that this
+    start printed (the first start on a new home prints one, later starts none)."""
+
+    def __init__(self, home: Path, env: dict[str, str], key: str | None = None) -> None:
         self.port = free_port()
         self.home = home
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60.0)
@@ -459,11 +473,16 @@ class Up:
             assert self.proc.poll() is None, self.log()
             try:
                 if self.client.get("/healthz").status_code == 200:
-                    return
+                    break
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        pytest.fail(f"lmforge up did not become healthy:\n{self.log()}")
+        else:
+            pytest.fail(f"lmforge up did not become healthy:\n{self.log()}")
+        if key is None:
+            key = wait_for_admin_key(self.log, lambda: self.proc.poll() is None)
+        self.key = key
+        self.client.headers["Authorization"] = f"Bearer {key}"
 
     def log(self) -> str:
         return (self.home / "up.log").read_text(errors="replace")
@@ -507,8 +526,11 @@ def test_lmforge_up_stopped_while_one_job_runs_and_one_waits_finishes_both_after
     engine.dispose()
     assert states == {running: "queued", waiting: "queued"}
 
-    up = Up(home, env)  # a new embedded Redis: it holds no message for either job
+    key = up.key
+    up = Up(home, env, key)  # a new embedded Redis: it holds no message for either job
     try:
+        # The admin key was printed by the first start only (one up.log for both starts).
+        assert printed_admin_keys(up.log()) == [key], up.log()
         api = Api(up, BUILTIN)
         for job_id, n in ((running, steps), (waiting, 40)):
             job = api.wait_finished(job_id)

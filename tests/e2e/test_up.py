@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from lmforge.processes import free_port
+from tests.e2e.conftest import printed_admin_keys, wait_for_admin_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -39,16 +40,20 @@ class Up:
         self.client = httpx.Client(base_url=self.base_url, timeout=30.0)
 
     def wait_healthy(self) -> None:
+        """Wait until the API is healthy, then send the admin key it printed."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"lmforge up exited:\n{self.log()}"
             try:
                 if self.client.get("/healthz").status_code == 200:
-                    return
+                    break
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        pytest.fail(f"lmforge up did not become healthy:\n{self.log()}")
+        else:
+            pytest.fail(f"lmforge up did not become healthy:\n{self.log()}")
+        key = wait_for_admin_key(self.log, lambda: self.proc.poll() is None)
+        self.client.headers["Authorization"] = f"Bearer {key}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -80,6 +85,11 @@ def _children(procs: Any, pid: int) -> set[int]:
 
 
 def test_up_trains_a_job_then_sigterm_stops_everything(up: Up, procs: Any) -> None:
+    # The first admin key, printed once; the API refuses requests without it.
+    assert len(printed_admin_keys(up.log())) == 1, up.log()
+    anonymous = httpx.get(f"{up.base_url}/v1/jobs", timeout=30.0)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"] == "Bearer"
     spec = {
         "dataset": {"builtin": "python-docs"},
         "model": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1},
@@ -148,4 +158,19 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, procs: Any)
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "redis").exists()
+
+
+def test_up_refuses_to_run_without_authentication_on_a_non_loopback_address(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(LMFORGE_HOME=str(tmp_path), LMFORGE_AUTH="disabled")
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "up", "--host", "0.0.0.0", "--port",
+         str(free_port())],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "LMFORGE_AUTH=disabled is only allowed on a loopback address" in result.stderr
     assert not (tmp_path / "redis").exists()
