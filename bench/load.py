@@ -96,6 +96,19 @@ LOCKED = "database is locked"
 TINY_MODEL = {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1, "dropout": 0.0}
 
 
+# The Authorization header of each started API, by its base URL.
+AUTH: dict[str, dict[str, str]] = {}
+
+
+def _client(base_url: str, **kwargs: Any) -> httpx.Client:
+    """A client of the API at ``base_url`` that sends its key."""
+    return httpx.Client(base_url=base_url, headers=AUTH.get(base_url), **kwargs)
+
+
+def _aclient(base_url: str, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, headers=AUTH.get(base_url), **kwargs)
+
+
 def job_spec(name: str, steps: int, *, hidden: int = 32) -> dict[str, Any]:
     """A small character-level job on the built-in ``python-docs`` corpus, one CPU thread."""
     return {
@@ -236,10 +249,14 @@ class Stack:
         self.logs: dict[str, Path] = {}
         self.base_url = ""
         self._cli = [sys.executable, "-m", "lmforge.cli"]
-        done = subprocess.run([*self._cli, "db", "upgrade"], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, check=False)
+        # Upgrades the schema and prints an admin key (admins are exempt from the per-principal
+        # quotas and rate limit, which would otherwise shape the load).
+        done = subprocess.run([*self._cli, "keys", "create", "--name", "bench", "--admin"],
+                              env=self.env, cwd=REPO, capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"lmforge db upgrade failed:\n{done.stdout}\n{done.stderr}")
+            raise RuntimeError(f"lmforge keys create failed:\n{done.stdout}\n{done.stderr}")
+        self.key = done.stdout.strip()
 
     def _spawn(self, role: str, argv: list[str]) -> subprocess.Popen[bytes]:
         path = self.home / f"{role}.log"
@@ -251,9 +268,10 @@ class Stack:
     def start_api(self) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
+        AUTH[self.base_url] = {"Authorization": f"Bearer {self.key}"}
         self._spawn("api", [*self._cli, "api", "--port", str(port), "--log-level", "warning"])
         deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx.Client(base_url=self.base_url, timeout=10) as client:
+        with _client(self.base_url, timeout=10) as client:
             while time.monotonic() < deadline:
                 if self.procs["api"].poll() is not None:
                     raise RuntimeError(f"the API exited:\n{self.tail('api')}")
@@ -366,7 +384,7 @@ async def run_submissions(base_url: str, plan: list[Submission], clients: int) -
 
     async def client_loop() -> None:
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-        async with httpx.AsyncClient(base_url=base_url, limits=limits) as client:
+        async with _aclient(base_url, limits=limits) as client:
             while not todo.empty():
                 await _submit_one(client, todo.get_nowait(), lat)
 
@@ -478,7 +496,7 @@ class PollStats:
 
 async def _poller(base_url: str, ids: list[str], stats: PollStats, stop: asyncio.Event,
                   interval: float, rng: random.Random) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+    async with _aclient(base_url, timeout=60) as client:
         while not stop.is_set():
             job_id = rng.choice(ids)
             for kind, url, params in (
@@ -500,7 +518,7 @@ async def _poller(base_url: str, ids: list[str], stats: PollStats, stop: asyncio
 async def _monitor(base_url: str, ids: list[str], stats: PollStats, stop: asyncio.Event) -> None:
     """Until every job has finished: how many run at once (not counted in the latencies)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+    async with _aclient(base_url, timeout=60) as client:
         while time.monotonic() < deadline:
             jobs = [(await client.get(f"/v1/jobs/{i}")).json() for i in ids]
             running = sum(j.get("status") == "running" for j in jobs)
@@ -536,7 +554,7 @@ def _all_metric_steps(client: httpx.Client, job_id: str) -> list[int]:
 def check_training(stack: Stack, ids: list[str], steps: int) -> dict[str, Any]:
     expected = list(range(1, steps + 1))
     out: dict[str, Any] = {}
-    with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+    with _client(stack.base_url, timeout=60) as client:
         for job_id in ids:
             job = client.get(f"/v1/jobs/{job_id}").json()
             db_steps = [s for (s,) in stack.sql(
@@ -558,7 +576,7 @@ def part_poll(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str,
         for w in range(args.workers):
             stack.start_worker(w, args.concurrency)
         stack.start_api()
-        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+        with _client(stack.base_url, timeout=60) as client:
             ids = []
             for i in range(args.jobs):
                 spec = job_spec(f"poll-{backend}-{i}", args.steps, hidden=args.hidden)
@@ -670,7 +688,7 @@ def part_soak(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str,
         ids: set[str] = set()
         t_start = time.monotonic()
         start = _sample(worker.pid, 0, t_start)
-        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+        with _client(stack.base_url, timeout=60) as client:
             for i in range(args.soak_jobs):
                 r = client.post("/v1/jobs", json=job_spec(f"soak-{backend}-{i:04d}", 20))
                 r.raise_for_status()

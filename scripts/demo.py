@@ -3,8 +3,10 @@
 
 1. starts the embedded stack (``lmforge up``: SQLite, a real Redis from a wheel, the API, one
    worker) with LMFORGE_HOME=./var/demo on a free port;
-2. uploads the repository's ``data/tinyshakespeare/input.txt`` (data/README.md gives its
-   source and terms), the same corpus on every machine, and submits a job over HTTP;
+2. creates an API key for the principal ``demo`` (``lmforge keys create``, which prints only
+   the key), then, with it, uploads the repository's ``data/tinyshakespeare/input.txt``
+   (data/README.md gives its source and terms), the same corpus on every machine, and submits
+   a job over HTTP;
 3. shows the job's progress live, downloads the best checkpoint, checks its sha256 and prints
    text sampled from it;
 4. stops the stack with SIGTERM and checks that none of its processes is left running.
@@ -70,6 +72,7 @@ class Stack:
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = home / "stack.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
         self.tree: set[int] = set()  # the supervisor's descendants when it was stopped
 
     def start(self) -> None:
@@ -81,6 +84,7 @@ class Stack:
             env.pop(name, None)
         env["LMFORGE_HOME"] = str(self.home)
         env["PYTHONUNBUFFERED"] = "1"
+        self.env = env
         with open(self.log_path, "wb") as log:
             self.proc = spawn(
                 [sys.executable, "-m", "lmforge.cli", "up", "--port", str(self.port)],
@@ -102,6 +106,19 @@ class Stack:
         raise DemoError(
             f"the API did not answer within {STARTUP_TIMEOUT_S:.0f} s.\n{self.log_tail()}"
         )
+
+    def create_key(self) -> str:
+        """A new API key of the principal ``demo`` on the stack's database (the only line
+        ``lmforge keys create`` prints on stdout). ``lmforge up`` printed an admin key on
+        its first start only; a key of its own keeps the demo the same on every run."""
+        created = subprocess.run(
+            [sys.executable, "-m", "lmforge.cli", "keys", "create", "--name", "demo"],
+            env=self.env, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise DemoError(f"`lmforge keys create` failed:\n{created.stderr[-2000:]}")
+        return created.stdout.strip()
 
     def stop(self) -> int | None:
         """SIGTERM the supervisor, wait, then make sure nothing of it is left."""
@@ -275,6 +292,9 @@ def run() -> int:
         with httpx.Client(base_url=stack.base_url, timeout=60.0) as client:
             stack.wait_healthy(client)
             console.print(f"Stack up in {time.monotonic() - t0:.1f} s")
+            key = stack.create_key()
+            client.headers["Authorization"] = f"Bearer {key}"
+            console.print(f"API key of principal 'demo': {key[:12]}... (lmforge keys create)")
             data = upload_corpus(client, corpus)
             job = submit(client, data)
             job = follow(client, job["id"])

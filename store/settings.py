@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     quota_queued_jobs: int = Field(default=20, ge=0, alias="LMFORGE_QUOTA_QUEUED_JOBS")
     quota_dataset_bytes: int = Field(default=10 * 1024**3, ge=0,
                                      alias="LMFORGE_QUOTA_DATASET_BYTES")
-    rate_limit_per_minute: int = Field(default=600, ge=0, alias="LMFORGE_RATE_LIMIT_PER_MINUTE")
+    rate_limit_per_minute: int = Field(default=1200, ge=0, alias="LMFORGE_RATE_LIMIT_PER_MINUTE")
     quota_streams: int = Field(default=4, ge=0, alias="LMFORGE_QUOTA_STREAMS")
     # Largest request body other than a dataset upload (bytes; 413 payload_too_large).
     max_json_body_bytes: int = Field(default=1024 * 1024, ge=1,
