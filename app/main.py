@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app.http_errors import install_error_handlers
+from app.http_errors import install_error_handlers, install_openapi_errors
+from app.middleware import RequestIdMiddleware, SettingsCORSMiddleware, install_log_request_ids
 from app.quotas import enforce_rate_limit, install_limits
 from app.routes import api_router, health_router
 from core.spec import JobSpec
@@ -57,6 +58,11 @@ def create_app(
     )
     install_error_handlers(app, body_model=JobSpec)
     install_limits(app)  # body size limit (413), rate limit's 429 handler: app.quotas
+    install_openapi_errors(app)
+    # Outermost last: the request id is set before CORS answers a preflight.
+    app.add_middleware(SettingsCORSMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    install_log_request_ids()
     app.include_router(api_router, prefix="/v1", dependencies=[Depends(enforce_rate_limit)])
     app.include_router(health_router)
     return app

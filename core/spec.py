@@ -8,27 +8,59 @@ plateau ``factor=0.25``, i.e. its divide-by-4 annealing) and the issue's spec ot
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import re
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 BuiltinCorpus = Literal["python-docs"]
 BUILTIN_CORPORA: tuple[str, ...] = get_args(BuiltinCorpus)
 
 
+# Control characters (C0, DEL and C1): never meaningful in a name, an id or a path, refused by
+# PostgreSQL (NUL) and a way to forge log lines and terminal output.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The same rule as a JSON-schema pattern, so that the OpenAPI document says what is accepted.
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def check_text(value: str) -> str:
+    """``value`` unchanged; raises ``ValueError`` when it holds a control character
+    (U+0000-U+001F, U+007F-U+009F), naming the first one and its offset."""
+    bad = CONTROL_CHARS.search(value)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad.group()):04X} "
+                         f"at offset {bad.start()})")
+    return value
+
+
+# A text field of a spec: no control characters, at most 1000 characters (a name: 200).
+Text = Annotated[str, Field(max_length=1000), AfterValidator(check_text),
+                 Field(json_schema_extra={"pattern": NO_CONTROL_PATTERN})]
+Name = Annotated[str, Field(max_length=200), AfterValidator(check_text),
+                 Field(json_schema_extra={"pattern": NO_CONTROL_PATTERN})]
+
+# "auto", "cpu", "cuda" or "cuda:N" (N: the CUDA device index); anything else cannot run.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+
+# An Adam/AdamW beta: in [0, 1) (torch.optim.Adam raises outside it).
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class _Strict(BaseModel):
     # Unknown keys are a 422 rather than silently ignored: a typo ("hiden_dim") must not
-    # train a model the user did not ask for.
-    model_config = ConfigDict(extra="forbid")
+    # train a model the user did not ask for. NaN and +-Infinity (JSON's NaN/Infinity
+    # literals, or 1e309, which parses to inf) are a 422 naming the field in every float.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetSource(_Strict):
     """Where a text comes from: exactly one of an uploaded dataset id, a built-in corpus, or a
     local file path (``path`` is accepted by ``lmforge train`` only; the HTTP API refuses it)."""
 
-    id: str | None = None
+    id: Text | None = None
     builtin: BuiltinCorpus | None = None
-    path: str | None = None
+    path: Text | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetSource:
@@ -53,8 +85,8 @@ class TokenizerSpec(_Strict):
 class PretrainedEmbeddings(_Strict):
     """Initialise the embedding from a dataset in GloVe text format (``word v1 v2 ...``)."""
 
-    dataset_id: str | None = None
-    path: str | None = None
+    dataset_id: Text | None = None
+    path: Text | None = None
     freeze: bool = False
 
     @model_validator(mode="after")
@@ -94,7 +126,7 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(default=0.0, ge=0.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # sgd only
     nesterov: bool = False  # sgd only; needs momentum > 0
-    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # adam/adamw, each in [0, 1)
     eps: float = Field(default=1e-8, gt=0.0)
 
     @model_validator(mode="after")
@@ -160,7 +192,9 @@ class TrainingSpec(_Strict):
     # start from (docs/benchmarks.md, "Robust defaults"). 0 carries it through whole epochs.
     state_reset_prob: float = Field(default=0.02, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    device: str = Field(
+        default="auto", pattern=DEVICE_PATTERN,
+        description="'auto' (CUDA when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int | None = Field(default=None, ge=1, le=1024)
     # Resumable by default: a ``periodic`` checkpoint (full state, exact resume) is written
@@ -200,8 +234,8 @@ class JobSpec(_Strict):
     ``validation``/``test`` optionally name separate splits, otherwise ``val_fraction`` and
     ``test_fraction`` of the dataset's tail are held out (validation before test)."""
 
-    name: str | None = Field(default=None, max_length=200)
-    dataset_id: str | None = None
+    name: Name | None = None
+    dataset_id: Text | None = None
     dataset: DatasetSource | None = None
     validation: DatasetSource | None = None
     test: DatasetSource | None = None

@@ -192,8 +192,8 @@ def newest_first_page(
     """One page of ``model`` rows, newest first, and whether more follow. ``after`` is the id
     of the last row of the previous page: a keyset cursor over ``(created_at, id)``, stable
     while new rows arrive. ``where``: only rows matching it (the cursor too). Raises
-    ``ValidationFailed`` (field ``after``) for an unknown id."""
-    from core.errors import ValidationFailed
+    ``NotFound`` (field ``after``) for an unknown id."""
+    from core.errors import NotFound
 
     created, ident = model.created_at, model.id  # type: ignore[attr-defined]
     query = select(model).order_by(created.desc(), ident.desc())
@@ -203,7 +203,8 @@ def newest_first_page(
         cursor = session.scalar(select(model).where(ident == after, true() if where is None
                                                     else where))
         if cursor is None:
-            raise ValidationFailed(f"unknown cursor {after!r}", field="after")
+            raise NotFound(f"unknown cursor {after!r}: no item of this list has that id",
+                           field="after")
         query = query.where(
             or_(created < cursor.created_at,  # type: ignore[attr-defined]
                 and_(created == cursor.created_at, ident < cursor.id))  # type: ignore[attr-defined]

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # On a warm shutdown with REMAP_SIGTERM=SIGQUIT, a running task gets this long (seconds)
     # before its message is restored to the queue (Celery's worker_soft_shutdown_timeout).
     soft_shutdown_timeout_s: float = Field(default=10.0, alias="LMFORGE_SOFT_SHUTDOWN_TIMEOUT_S")
+    # Browser origins allowed to call the API cross-site (CORS), comma-separated
+    # ("https://a.example,https://b.example", or "*"); empty (the default): CORS is off.
+    cors_origins: str = Field(default="", alias="LMFORGE_CORS_ORIGINS")
 
     # Token files of prepared corpora (worker.engine.tokencache), shared by every worker on this
     # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
@@ -85,6 +88,11 @@ class Settings(BaseSettings):
         """How often a running job renews its lease (and polls for a cancel): a sixth of the
         lease, so five heartbeats can be missed before the job is presumed lost."""
         return max(self.heartbeat_timeout_s / 6, 0.05)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``LMFORGE_CORS_ORIGINS`` as a list (blank entries dropped)."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def storage_dir(self) -> Path:

@@ -12,8 +12,10 @@ from app import datasets, idempotency, quotas
 from app.auth import PrincipalDep
 from app.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.http_errors import ErrorBody
+from app.params import AfterQuery, DatasetIdPath
 from app.routes.uploads import receive_text_file
 from app.schemas import DatasetList, DatasetOut
+from core.spec import NO_CONTROL_PATTERN
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -26,11 +28,14 @@ _UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary",
-                                 "description": "UTF-8 text"},
-                        "name": {"type": "string", "maxLength": 200},
+                        # The bytes must be UTF-8 text (422 naming the byte offset otherwise).
+                        "file": {"type": "string", "contentMediaType": "text/plain",
+                                 "minLength": 1, "description": "UTF-8 text"},
+                        "name": {"type": "string", "maxLength": 200,
+                                 "pattern": NO_CONTROL_PATTERN},
                     },
-                }
+                },
+                "encoding": {"file": {"contentType": "text/plain; charset=utf-8"}},
             }
         },
     }
@@ -125,7 +130,7 @@ def list_datasets(
     session: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after: str | None = None,
+    after: AfterQuery = None,
 ) -> DatasetList:
     rows, has_more = datasets.list_datasets(session, principal, limit, after)
     return DatasetList(
@@ -136,5 +141,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -> DatasetOut:
+def get_dataset(
+    dataset_id: DatasetIdPath, session: SessionDep, principal: PrincipalDep
+) -> DatasetOut:
     return DatasetOut.model_validate(datasets.get_dataset(session, principal, dataset_id))

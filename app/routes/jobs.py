@@ -17,6 +17,7 @@ from app import idempotency, jobs
 from app.auth import Principal, PrincipalDep
 from app.deps import EnqueuerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.http_errors import ErrorBody
+from app.params import AfterQuery, AfterStepQuery, CheckpointIdPath, JobIdPath
 from app.routes.files import blob_response
 from app.schemas import (
     AttemptOut,
@@ -153,8 +154,7 @@ def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after: Annotated[str | None, Query(description="id of the last job of the previous page")]
-    = None,
+    after: AfterQuery = None,
 ) -> JobList:
     rows, has_more = jobs.list_jobs(session, principal, limit, after)
     return JobList(
@@ -165,14 +165,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+def get_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """The job, its progress, its ``error`` (``{code, message, retryable, phase, step}``) when
     it failed, and ``attempt_history``: one entry per attempt at running it."""
     return _out(session, jobs.get_job(session, principal, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+def cancel_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next step, keeping a last checkpoint.
     Finished: 409."""
     job = jobs.cancel_job(session, principal, job_id)
@@ -182,10 +182,10 @@ def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job
 
 @router.get("/{job_id}/metrics", response_model=MetricList)
 def list_metrics(
-    job_id: str,
+    job_id: JobIdPath,
     session: SessionDep,
     principal: PrincipalDep,
-    after_step: Annotated[int, Query(ge=0)] = 0,
+    after_step: AfterStepQuery = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricList:
     rows, has_more = jobs.list_metrics(session, principal, job_id, after_step, limit)
@@ -193,12 +193,14 @@ def list_metrics(
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
-def get_result(job_id: str, session: SessionDep, principal: PrincipalDep) -> BaseModel:
+def get_result(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> BaseModel:
     return JobResultOut.model_validate(jobs.job_result(session, principal, job_id))
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
-def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep) -> CheckpointList:
+def list_checkpoints(
+    job_id: JobIdPath, session: SessionDep, principal: PrincipalDep
+) -> CheckpointList:
     rows = jobs.list_checkpoints(session, principal, job_id)
     return CheckpointList(data=[CheckpointOut.model_validate(r) for r in rows])
 
@@ -219,7 +221,8 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.head(_DOWNLOAD, response_class=FileResponse, responses=_DOWNLOAD_RESPONSES,
              operation_id="head_checkpoint", summary="Checkpoint download headers")
 def download_checkpoint(
-    job_id: str, checkpoint_id: str, request: Request, session: SessionDep, storage: StorageDep,
+    job_id: JobIdPath, checkpoint_id: CheckpointIdPath, request: Request, session: SessionDep,
+    storage: StorageDep,
     principal: PrincipalDep,
 ) -> Response:
     """The checkpoint as one safetensors file. Its sha256 is in ``X-Checkpoint-SHA256`` (hex),

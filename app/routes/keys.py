@@ -28,7 +28,7 @@ class KeyCreate(BaseModel):
     name: str = Field(pattern=apikeys.NAME_PATTERN, max_length=40,
                       description="the principal the key acts for; keys with the same name "
                                   "share datasets and jobs")
-    is_admin: bool = False
+    is_admin: bool = Field(default=False, strict=True)  # true/false only, not 0/1 or "yes"
 
 
 class KeyOut(BaseModel):

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from core.errors import PayloadTooLarge, ValidationFailed
+from core.spec import CONTROL_CHARS
 from core.textstats import TextCounter, TextStats
 from store.storage import BlobWriter, Storage
 
 MAX_NAME_BYTES = 800
+MAX_NAME_CHARS = 200  # the dataset name's maxLength in the OpenAPI document
 # Multipart framing (boundaries, part headers, the name field) on top of the file itself.
 FRAMING_SLACK_BYTES = 64 * 1024
 
@@ -80,6 +83,19 @@ class _Parts:
                 raise ValidationFailed("name is too long", field="name")
 
 
+def _check_names(parts: _Parts) -> None:
+    """422 for a file name or a dataset name with control characters (never stored: NUL is
+    refused by PostgreSQL, and they forge log lines), and for a name past MAX_NAME_CHARS."""
+    if parts.filename is not None and CONTROL_CHARS.search(parts.filename):
+        raise ValidationFailed("the file name must not contain control characters",
+                               field="file")
+    name = bytes(parts.name).decode("utf-8", "replace")
+    if CONTROL_CHARS.search(name):
+        raise ValidationFailed("name must not contain control characters", field="name")
+    if len(name.strip()) > MAX_NAME_CHARS:
+        raise ValidationFailed(f"name is longer than {MAX_NAME_CHARS} characters", field="name")
+
+
 async def receive_text_file(
     request: Request, storage: Storage, key: str, max_bytes: int
 ) -> Upload:
@@ -106,10 +122,15 @@ async def receive_text_file(
                          "on_header_end", "on_headers_finished", "on_part_data")
         }
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
-        async for chunk in request.stream():
-            # Disk writes, hashing and UTF-8 decoding are blocking: keep them off the event loop.
-            await run_in_threadpool(parser.write, chunk)
-        parser.finalize()
+        try:
+            async for chunk in request.stream():
+                # Disk writes, hashing and UTF-8 decoding are blocking: keep them off the loop.
+                await run_in_threadpool(parser.write, chunk)
+            parser.finalize()
+        except FormParserError as exc:
+            raise ValidationFailed(f"the body is not valid multipart/form-data ({exc})",
+                                   code="malformed_body") from None
+        _check_names(parts)
         if not parts.seen_file:
             raise ValidationFailed("the form has no 'file' field", field="file")
         stats = parts.counter.finish()

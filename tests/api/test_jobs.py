@@ -221,6 +221,10 @@ def test_unhandled_error_is_500_in_the_error_shape(
         raise RuntimeError("boom")
 
     client.app.dependency_overrides[get_session] = broken  # type: ignore[attr-defined]
-    assert _error(client.get("/v1/jobs"), 500) == {
-        "code": "internal_error", "message": "internal server error", "field": None,
-        "details": []}
+    r = client.get("/v1/jobs")
+    rid = r.headers["x-request-id"]
+    assert _error(r, 500) == {
+        "code": "internal_error", "field": None, "details": [], "request_id": rid,
+        "message": "internal server error; it has been logged: quote the request id "
+                   f"{rid} when reporting it"}
+    assert "boom" not in r.text
