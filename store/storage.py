@@ -3,12 +3,20 @@
 ``LocalStorage`` keeps blobs under a directory (``Settings.storage_dir`` by default); an object
 store can implement :class:`Storage` later so that several machines share blobs. Keys are
 relative POSIX paths such as ``datasets/ds_<hex>.txt``.
+
+Keys are never built from user input: the service makes them from the ids it generates
+(``datasets/<dataset id>.txt``, ``checkpoints/<job id>/<checkpoint id>.safetensors``), and a
+file name sent with an upload is only recorded, never used as a path. As a second line,
+:meth:`LocalStorage.path` accepts only keys of the shape :data:`KEY_PATTERN` (no absolute path,
+no ``..`` or hidden segment, no backslash, NUL or other control character) that resolve inside
+the root; anything else is a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -18,6 +26,9 @@ from typing import BinaryIO, Protocol
 from core.errors import PayloadTooLarge
 
 CHUNK_BYTES = 1 << 20
+# A storage key: "/"-separated segments of letters, digits, "_", "-" and ".", none starting with
+# "." (so no "." or ".." segment and no hidden file).
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 
 
 class BlobWriter:
@@ -82,10 +93,14 @@ class LocalStorage:
         self.root = Path(root).resolve()
 
     def path(self, key: str) -> Path:
-        rel = Path(key)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        """The file of ``key`` under the root. Raises ``ValueError`` for a key that is not of
+        the shape :data:`KEY_PATTERN` or that resolves outside the root (a symlink)."""
+        if not isinstance(key, str) or len(key) > 1024 or not KEY_PATTERN.fullmatch(key):
             raise ValueError(f"invalid storage key {key!r}")
-        return self.root / rel
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root):
+            raise ValueError(f"invalid storage key {key!r}: outside the storage root")
+        return path
 
     @contextmanager
     def writer(self, key: str, max_bytes: int | None = None) -> Iterator[BlobWriter]:

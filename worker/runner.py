@@ -425,6 +425,15 @@ class Outcome:
     abandoned: str | None = None
 
 
+def internal_message(exc: BaseException) -> str:
+    """The stored message of a job that an unexpected exception stopped: the exception's class
+    only, never its text (which can name a server's host and port, a file path or SQL); the
+    text and the traceback go to the worker's log, under the job's id."""
+    return (f"an internal error stopped the job ({type(exc).__name__}); the worker's log has "
+            "the details under this job's id. Submitting it again may work; report it if it "
+            "happens again")
+
+
 def _error(exc: BaseException, code: str, message: str) -> dict[str, Any]:
     """``{code, message, retryable, phase, step}``, the phase and step from where the engine
     was (``prepare`` when it had not started)."""
@@ -498,8 +507,7 @@ def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFact
         if is_transient_db_error(exc):  # a read outside the retries (the token cache, say)
             return Outcome(JobStatus.FAILED, abandoned=f"{type(exc).__name__}: {exc}")
         log.exception("job %s: internal error", job_id)
-        return Outcome(JobStatus.FAILED,
-                       error=_error(exc, "internal", f"{type(exc).__name__}: {exc}"))
+        return Outcome(JobStatus.FAILED, error=_error(exc, "internal", internal_message(exc)))
     finally:
         if beat.is_alive():
             beat.stop()

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections import OrderedDict
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Request, Response
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
@@ -36,6 +38,21 @@ _CHUNK = 1024 * 1024
 
 _verified: OrderedDict[tuple[str, int, int, int, int, str], bool] = OrderedDict()
 _verified_lock = threading.Lock()
+
+
+_UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def content_disposition(filename: str) -> str:
+    """A safe ``Content-Disposition: attachment`` for ``filename`` (RFC 6266): ``filename=``
+    holds an ASCII fallback of letters, digits, ``.``, ``_`` and ``-`` only (anything else
+    becomes ``_``, a leading ``.`` too, so no quote, backslash, CR/LF, path separator or
+    hidden name can get through), and ``filename*=UTF-8''`` the name percent-encoded
+    (RFC 8187) with ``/`` and ``\\`` replaced, for clients that read it."""
+    base = filename.replace("/", "_").replace("\\", "_")
+    fallback = _UNSAFE_FILENAME_CHARS.sub("_", base).lstrip(".") or "download"
+    encoded = quote(base.lstrip(".") or "download", safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def etag_of(sha256_hex: str) -> str:
@@ -147,6 +164,6 @@ def blob_response(
     refused = _range_error(request, etag, last_modified, st.st_size)
     if refused is not None:
         return refused
-    return FileResponse(path, headers=out_headers, media_type=media_type, filename=filename,
-                        stat_result=st)
+    out_headers["Content-Disposition"] = content_disposition(filename)
+    return FileResponse(path, headers=out_headers, media_type=media_type, stat_result=st)
 

@@ -234,7 +234,7 @@ def download_checkpoint(
     return blob_response(
         request, storage, ckpt.storage_key,
         sha256_hex=ckpt.sha256,
-        filename=f"{job_id}-{ckpt.kind.value}-step{ckpt.step}.safetensors",
+        filename=f"{ckpt.job_id}-{ckpt.kind.value}-step{ckpt.step}.safetensors",
         what=f"checkpoint {ckpt.id}",
         corrupt_code="checkpoint_corrupt",
         corrupt_advice="download another checkpoint of this job",

@@ -75,8 +75,9 @@ def test_checkpoint_download_streams_the_blob_with_its_sha256(
     assert r.headers["x-checkpoint-sha256"] == sha
     assert r.headers["etag"] == f'"{sha}"'
     assert r.headers["repr-digest"] == f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:"
+    name = f"{running}-best-step3.safetensors"
     assert r.headers["content-disposition"] == (
-        f'attachment; filename="{running}-best-step3.safetensors"')
+        f'attachment; filename="{name}"; filename*=UTF-8\'\'{name}')
 
 
 def test_unknown_checkpoint_is_404(client: TestClient, running: str) -> None:
