@@ -334,7 +334,10 @@ def test_a_job_killed_by_the_oom_killer_fails_as_out_of_memory_and_the_worker_go
     # worker and a small job, not for an LSTM of 2 x 4 x 4096 x 8192 floats (1 GiB of weights,
     # plus their gradients and optimizer state).
     cgroup = make_memory_cgroup(3 * 2**29)
-    stack = make_stack(LMFORGE_HEARTBEAT_TIMEOUT_S="3600", LMFORGE_MAX_ATTEMPTS="3")
+    # The service's own size limit (LMFORGE_MAX_PARAMS, 200 M) would refuse the model at
+    # submission; raised here so that the job reaches the worker and meets the OOM killer.
+    stack = make_stack(LMFORGE_HEARTBEAT_TIMEOUT_S="3600", LMFORGE_MAX_ATTEMPTS="3",
+                       LMFORGE_MAX_PARAMS="1000000000")
     try:
         stack.start_api()
         worker = stack.start_worker("w", preexec=enter_cgroup(cgroup))
