@@ -123,27 +123,22 @@ def check_job_size(spec: JobSpec, settings: Settings, train: TextStats,
 
 
 def check_job_quota(session: Session, principal: Principal, settings: Settings) -> None:
-    """429 ``quota_exceeded`` when ``principal`` already has ``LMFORGE_QUOTA_RUNNING_JOBS``
-    running or ``LMFORGE_QUOTA_QUEUED_JOBS`` queued jobs (admins and 0 limits exempt). Checked
-    at submission: a job is not accepted while the principal's running jobs fill its quota."""
+    """429 ``quota_exceeded`` when ``principal`` already has ``LMFORGE_QUOTA_QUEUED_JOBS``
+    queued jobs (admins and 0 limits exempt). ``LMFORGE_QUOTA_RUNNING_JOBS`` is enforced where
+    jobs start, by the worker's claim (:func:`store.progress.claim_job`): a principal's jobs
+    past it wait queued."""
     if principal.is_admin:
         return
-    rows = session.execute(
-        select(Job.status, func.count())
-        .where(Job.owner_id == principal.id,
-               Job.status.in_([JobStatus.RUNNING, JobStatus.QUEUED]))
-        .group_by(Job.status))
-    counts = {status: n for status, n in rows}
-    for quota, status, limit in (
-        ("running_jobs", JobStatus.RUNNING, settings.quota_running_jobs),
-        ("queued_jobs", JobStatus.QUEUED, settings.quota_queued_jobs),
-    ):
-        have = int(counts.get(status, 0))
-        if limit and have >= limit:
-            raise QuotaExceeded(
-                f"you have {have} {status.value} jobs, the most this service allows per "
-                f"principal ({limit}); submit again once one has finished (or cancel one)",
-                details=[{"quota": quota, "limit": limit, "current": have}])
+    limit = settings.quota_queued_jobs
+    if not limit:
+        return
+    have = int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == principal.id, Job.status == JobStatus.QUEUED)) or 0)
+    if have >= limit:
+        raise QuotaExceeded(
+            f"you have {have} queued jobs, the most this service allows per principal "
+            f"({limit}); submit again once one has started (or cancel one)",
+            details=[{"quota": "queued_jobs", "limit": limit, "current": have}])
 
 
 def stored_dataset_bytes(session: Session, principal: Principal) -> int:

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from core.contract import CheckpointBlob, MetricRow
 from core.errors import Conflict, NotFound
 from store.models import (
+    ApiKey,
     Checkpoint,
     CheckpointKind,
     Job,
@@ -52,11 +53,45 @@ class JobLost(Exception):
     """The job is no longer this attempt's: it was swept back to the queue or finished."""
 
 
-def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
+def _is_admin_principal(session: Session, name: str) -> bool:
+    """Whether principal ``name`` holds a live admin key (admins are exempt from quotas)."""
+    return session.scalar(select(func.count()).select_from(ApiKey).where(
+        ApiKey.name == name, ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None))) != 0
+
+
+def _over_running_quota(session: Session, job_id: str, running_limit: int) -> bool:
+    """Whether the owner of ``job_id`` already runs ``running_limit`` jobs (0: no limit; jobs
+    without an owner and admins' jobs are exempt). On PostgreSQL a transaction-level advisory
+    lock per owner serialises the count with the claim that follows, so two workers cannot
+    both take the last slot; SQLite serialises writers already."""
+    if running_limit <= 0:
+        return False
+    owner = session.scalar(select(Job.owner_id).where(Job.id == job_id))
+    if owner is None or _is_admin_principal(session, owner):
+        return False
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(
+            func.hashtextextended("lmforge-running-quota:" + owner, 0))))
+    running = session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == owner, Job.status == S.RUNNING)) or 0
+    return running >= running_limit
+
+
+def claim_job(session: Session, job_id: str, worker_id: str,
+              running_limit: int = 0) -> Job | None:
     """queued -> running for this worker (``UPDATE ... WHERE id = :id AND status = 'queued'``)
     and the attempt recorded (:func:`start_attempt`) in the same transaction; None when the
-    job is unknown or another delivery already holds it."""
+    job is unknown or another delivery already holds it.
+
+    ``running_limit`` (``LMFORGE_QUOTA_RUNNING_JOBS``; 0: none) is the most jobs one principal
+    may run at once: past it the job is not claimed and stays ``queued`` (its message is
+    consumed; the queued sweep delivers it again after ``LMFORGE_REQUEUE_AFTER_S``), so a
+    principal's extra jobs wait rather than fail."""
     now = utcnow()
+    if _over_running_quota(session, job_id, running_limit):
+        log.info("not claiming %s yet: its owner runs LMFORGE_QUOTA_RUNNING_JOBS=%d jobs",
+                 job_id, running_limit)
+        return None
     try:
         transition(
             session, job_id, S.RUNNING, expect=[S.QUEUED],
@@ -73,9 +108,8 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
 
 
 def start_attempt(session: Session, job_id: str, attempt: int, worker: str | None) -> None:
-    """Record attempt ``attempt`` of ``job_id`` (outcome ``running``) in ``job_attempts``.
-    An attempt number taken again (a graceful interruption gives its number back, see
-    :func:`requeue_interrupted`) replaces the earlier row whole."""
+    """Record attempt ``attempt`` of ``job_id`` (outcome ``running``) in ``job_attempts``
+    (attempt numbers are never reused; a row written again is replaced whole)."""
     session.merge(JobAttempt(job_id=job_id, attempt=attempt, worker=worker, started_at=utcnow(),
                              ended_at=None, resumed_from_step=None, outcome="running",
                              error=None))

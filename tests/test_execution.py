@@ -517,3 +517,41 @@ def test_the_service_bound_caps_each_jobs_checkpoint_interval(
     t = with_service_bounds(spec, settings).training
     assert (t.checkpoint_interval, t.checkpoint_every_s) == expected
     assert spec.training.checkpoint_interval == job[0]  # the stored spec is left as it was
+
+
+# -- the running-jobs quota, enforced where jobs start --------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_jobs_past_the_running_quota_wait_queued_until_a_slot_frees(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str,
+) -> None:
+    """LMFORGE_QUOTA_RUNNING_JOBS=1: while the owner's first job runs, the claim of its second
+    does nothing (it stays queued, no attempt); once the first ends, the second is claimed.
+    Admins' jobs are exempt."""
+    from sqlalchemy import update
+
+    from store.apikeys import create_key
+    from store.progress import claim_job
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    env = make_env(tmp_path, url, LMFORGE_QUOTA_RUNNING_JOBS=1)
+    first, second = env.submit(), env.submit()
+    with session_scope(env.factory) as s:
+        assert claim_job(s, first, "w1", 1) is not None
+    with session_scope(env.factory) as s:
+        assert claim_job(s, second, "w2", 1) is None
+    job = env.job(second)
+    assert (job.status, job.attempts, env.attempts(second)) == (JobStatus.QUEUED, 0, [])
+    assert env.run(second) is None  # the runner passes the setting to the claim
+    assert env.job(second).status == JobStatus.QUEUED
+    with session_scope(env.factory) as s:  # the first one ends: a slot frees
+        s.execute(update(Job).where(Job.id == first).values(status=JobStatus.SUCCEEDED))
+    assert env.run(second) == JobStatus.SUCCEEDED
+    # An admin principal of the same name is exempt.
+    third, fourth = env.submit(), env.submit()
+    with session_scope(env.factory) as s:
+        create_key(s, OWNER.id, is_admin=True)
+    with session_scope(env.factory) as s:
+        assert claim_job(s, third, "w1", 1) is not None
+        assert claim_job(s, fourth, "w2", 1) is not None

@@ -362,7 +362,7 @@ def run_job(
 
     def claim() -> tuple[int, dict[str, Any]] | None:
         with session_scope(session_factory) as s:
-            job = claim_job(s, job_id, worker)
+            job = claim_job(s, job_id, worker, settings.quota_running_jobs)
             return None if job is None else (job.attempts, dict(job.spec))
 
     claimed = retry.call(f"job {job_id}: claim", claim)  # DatabaseUnavailable: not claimed

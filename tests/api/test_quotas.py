@@ -135,20 +135,20 @@ def test_the_default_spec_evaluates_at_most_a_million_tokens(client: TestClient,
 # -- per-principal quotas ---------------------------------------------------------------------
 
 
-def test_queued_and_running_job_quotas_are_429_quota_exceeded(tmp_path: Path) -> None:
+def test_the_queued_job_quota_is_429_quota_exceeded(tmp_path: Path) -> None:
     with service(tmp_path, LMFORGE_QUOTA_QUEUED_JOBS=2, LMFORGE_QUOTA_RUNNING_JOBS=1) as c:
         ds = upload(c).json()["id"]
         first = c.post("/v1/jobs", json=small_spec(ds)).json()["id"]
         assert c.post("/v1/jobs", json=small_spec(ds)).status_code == 201
         err = _error(c.post("/v1/jobs", json=small_spec(ds)), 429, "quota_exceeded")
         assert err["details"] == [{"quota": "queued_jobs", "limit": 2, "current": 2}]
-        # One of them runs: the queued quota has room, the running one is full.
+        # One of them runs: the queued quota has room again (the running quota is the
+        # worker's: extra jobs wait queued, see tests/test_execution.py).
         with c.app.state.session_factory() as s:  # type: ignore[attr-defined]
             s.execute(update(Job).where(Job.id == first).values(status=JobStatus.RUNNING))
             s.commit()
-        err = _error(c.post("/v1/jobs", json=small_spec(ds)), 429, "quota_exceeded")
-        assert err["details"] == [{"quota": "running_jobs", "limit": 1, "current": 1}]
-        assert _count(c, Job) == 2
+        assert c.post("/v1/jobs", json=small_spec(ds)).status_code == 201
+        assert _count(c, Job) == 3
         # Another principal has its own quota.
         authorize(c, "someone-else")
         ds2 = upload(c).json()["id"]
