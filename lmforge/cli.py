@@ -67,6 +67,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         # We use neither revokes nor worker events; skipping them saves seconds of start-up.
         "--without-mingle",
         "--without-gossip",
+        # Nor Celery's worker heartbeats (our lease is the job's heartbeat in the database).
+        # With them, a worker whose broker died with its supervisor (a SIGKILLed `lmforge
+        # up`) never exited: its timer thread retried a heartbeat publish forever while the
+        # shutdown waited for it.
+        "--without-heartbeat",
     ]
     if args.queues:
         argv.append(f"--queues={args.queues}")
