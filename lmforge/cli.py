@@ -146,15 +146,21 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     from core.errors import NotFound
     from store import apikeys
     from store.db import session_scope
+    from store.models import utcnow
 
+    now = utcnow()
     try:
         with session_scope(_keys_session()) as session:
-            row = apikeys.revoke_key(session, args.prefix)
-            name = row.name
+            row = apikeys.revoke_key(session, args.prefix, at=now)
+            name, prefix, revoked_at = row.name, row.prefix, row.revoked_at
     except NotFound as exc:
         print(f"lmforge keys revoke: {exc.message}", file=sys.stderr)
         return 1
-    print(f"revoked key {args.prefix} of {name!r}")
+    if revoked_at != now:
+        print(f"key {prefix} of {name!r} was already revoked (at {revoked_at:%Y-%m-%d %H:%M:%S} "
+              f"UTC)")
+    else:
+        print(f"revoked key {prefix} of {name!r}")
     return 0
 
 
@@ -248,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys_list = keys_sub.add_parser("list", help="list API keys (never the keys themselves)")
     keys_list.set_defaults(func=_cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke an API key by its prefix")
-    revoke.add_argument("prefix", metavar="PREFIX", help="the key's prefix (lmf_ + 8 characters)")
+    revoke.add_argument("prefix", metavar="PREFIX",
+                        help="the key's prefix (lmf_ + 8 characters, as `keys list` shows; a "
+                             "whole key works too)")
     revoke.set_defaults(func=_cmd_keys_revoke)
 
     train = sub.add_parser("train", help="train a model locally, without the service")

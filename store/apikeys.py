@@ -102,8 +102,11 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, prefix: str, at: datetime | None = None) -> ApiKey:
-    """Revoke the key whose visible prefix is ``prefix`` (revoking twice keeps the first
-    time). Raises :class:`NotFound` when no key has that prefix."""
+    """Revoke the key whose visible prefix is ``prefix`` (a whole key is accepted too: its
+    prefix is used; revoking twice keeps the first time). Raises :class:`NotFound` when no
+    key has that prefix; the message never repeats more than a prefix's length of what was
+    given, so a whole key pasted by mistake does not end up in a log."""
+    prefix = prefix[:PREFIX_CHARS]
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
     if row is None:
         raise NotFound(f"no API key with prefix {prefix!r}")

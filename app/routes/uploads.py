@@ -45,6 +45,10 @@ class _Parts:
     filename: str | None = None
     name: bytearray = field(default_factory=bytearray)
     seen_file: bool = False
+    ended: bool = False  # the closing boundary was read
+
+    def on_end(self) -> None:
+        self.ended = True
 
     def on_part_begin(self) -> None:
         self.disposition, self.target = b"", None
@@ -119,7 +123,7 @@ async def receive_text_file(
         callbacks = {
             name: getattr(parts, name)
             for name in ("on_part_begin", "on_header_field", "on_header_value",
-                         "on_header_end", "on_headers_finished", "on_part_data")
+                         "on_header_end", "on_headers_finished", "on_part_data", "on_end")
         }
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
         try:
@@ -130,6 +134,10 @@ async def receive_text_file(
         except FormParserError as exc:
             raise ValidationFailed(f"the body is not valid multipart/form-data ({exc})",
                                    code="malformed_body") from None
+        if not parts.ended:  # a truncated upload: never store part of a file as a dataset
+            raise ValidationFailed("the body is not valid multipart/form-data (it ends before "
+                                   "its closing boundary: was the upload cut short?)",
+                                   code="malformed_body")
         _check_names(parts)
         if not parts.seen_file:
             raise ValidationFailed("the form has no 'file' field", field="file")

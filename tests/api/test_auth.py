@@ -361,7 +361,12 @@ def test_the_cli_creates_lists_and_revokes_keys(client: TestClient, settings: Se
     revoked = _cli(settings, "keys", "revoke", key[:12])
     assert revoked.returncode == 0, revoked.stderr
     assert client.get("/v1/jobs", headers=bearer(key)).status_code == 401
-    assert _cli(settings, "keys", "revoke", "lmf_nothere").returncode == 1
+    again = _cli(settings, "keys", "revoke", key)  # the whole key pasted: its prefix is used
+    assert again.returncode == 0 and "already revoked" in again.stdout, again
+    assert key not in again.stdout + again.stderr
+    unknown = "lmf_nothere" + "x" * 36
+    missing = _cli(settings, "keys", "revoke", unknown)
+    assert missing.returncode == 1 and unknown not in missing.stderr  # never echoes a secret
     bad = _cli(settings, "keys", "create", "--name", "no spaces")
     assert (bad.returncode, bad.stdout) == (2, "")
 

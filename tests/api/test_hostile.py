@@ -169,6 +169,16 @@ def test_a_malformed_multipart_body_is_422_not_500(client: TestClient) -> None:
     assert _stored_files(client) == []
 
 
+def test_a_truncated_multipart_body_stores_nothing(client: TestClient) -> None:
+    # Found by a new-user run: a body cut off before its closing boundary was stored.
+    body = b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
+    r = client.post("/v1/datasets", content=body,
+                    headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert _error(r, 422)["code"] == "malformed_body"
+    assert _stored_files(client) == []
+    assert client.get("/v1/datasets").json()["data"] == []
+
+
 @pytest.mark.parametrize("path", [
     f"/v1/jobs/job_{NUL}x", f"/v1/jobs/a{NUL}/metrics", f"/v1/datasets/ds{NUL}",
     f"/v1/jobs/job_1/checkpoints/ck{NUL}/download",
