@@ -29,6 +29,8 @@ class DatasetOut(_FromRow):
     num_lines: int
     num_words: int
     created_at: datetime
+    # The principal (API key name) it belongs to; null for data stored before keys existed.
+    owner_id: str | None = None
 
 
 class DatasetList(BaseModel):
@@ -73,6 +75,9 @@ class AttemptOut(_FromRow):
 class JobOut(_FromRow):
     id: str
     name: str | None
+    # The principal (API key name) it belongs to, set from the submitting key, never by the
+    # client; null for jobs submitted before keys existed.
+    owner_id: str | None = None
     status: str
     spec: dict[str, Any]
     created_at: datetime

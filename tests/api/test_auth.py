@@ -394,3 +394,15 @@ def test_auth_disabled_acts_as_an_admin_and_is_refused_off_loopback(
                        check=False)
     assert r.returncode != 0
     assert "only allowed on a loopback address" in r.stderr
+
+
+def test_answers_name_their_owner_so_that_an_admin_can_tell_whose_they_are(
+    world: World,
+) -> None:
+    """``owner_id`` is the submitting key's principal (``tester``), never the client's."""
+    admin = bearer(world.admin)
+    job = world.client.get(f"/v1/jobs/{world.job_id}", headers=admin).json()
+    dataset = world.client.get(f"/v1/datasets/{world.dataset_id}", headers=admin).json()
+    assert job["owner_id"] == dataset["owner_id"] == "tester"
+    listed = world.client.get("/v1/jobs", headers=admin).json()["data"]
+    assert {j["owner_id"] for j in listed if j["id"] == world.job_id} == {"tester"}
