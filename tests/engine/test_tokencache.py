@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from worker.engine.tokencache import (
     prepare_corpus,
     token_dtype,
 )
-from worker.engine.tokenizers import build_tokenizer
+from worker.engine.tokenizers import BPETokenizer, build_tokenizer
 from worker.engine.trainer import train, train_sources
 
 from .conftest import RecordingHooks, make_spec, strip_timing
@@ -161,6 +162,86 @@ def test_line_splitter_is_splitlines_keepends_over_any_pieces(real_text: str) ->
             lines.extend(done)
         lines.extend(splitter.finish())
         assert lines == real_text.splitlines(keepends=True)
+
+
+# -- bpe: lines joined into longer sequences ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("chunk", "limit"), [(4096, 40), (1 << 20, None)])
+def test_bpe_lines_joined_into_sequences_give_the_tokens_of_each_whole_split(
+    chunk: int, limit: int | None, real_text: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tokencache, "CHUNK_CHARS", chunk)
+    if limit is not None:  # sequences of joined lines cut again past 40 characters
+        monkeypatch.setattr(textstream, "BPE_SEQUENCE", limit)
+    spec = spec_for("bpe", test_fraction=0.1)
+    tok_json, expected = encode_whole(spec, CorpusTexts(train=real_text))
+    prepared = prepare_corpus(spec, CorpusSources(byte_source(real_text)))
+    assert prepared.tokenizer.to_json() == tok_json
+    assert as_lists(prepared) == expected
+
+
+def test_joined_bpe_sequences_have_the_pre_tokens_and_ids_of_their_lines() -> None:
+    # Random texts of what decides a join: spaces, tabs, other whitespace (\xa0 and \u3000
+    # are \s to the pre-tokenizer, \x1f is not), every kind of line break, letters, digits,
+    # punctuation, contractions; a tokenizer trained on them has merges across whitespace
+    # runs (" \n", "\r\n", ...), so a wrong join would show in the ids too.
+    rng = random.Random(0)
+    parts = ["a", "Zq", "7", ".", "'s", "é", "😀", " ", " ", "\t", "\xa0", "\u3000", "\x1f",
+             "\n", "\n", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028",
+             "\u2029"]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    tok = BPETokenizer.train("".join(texts), 400)
+    pre = tok.hf.pre_tokenizer
+    joined = 0
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        seqs = textstream.bpe_sequences(text)
+        assert "".join(seqs) == text
+        assert ([p for s in seqs for p, _ in pre.pre_tokenize_str(s)]
+                == [p for line in lines for p, _ in pre.pre_tokenize_str(line)]), repr(text)
+        assert textstream.BPEEncoder(tok.hf, np.dtype("<u2")).finish().size == 0
+        enc = textstream.BPEEncoder(tok.hf, np.dtype("<u2"))
+        assert np.concatenate([enc.feed(text), enc.finish()]).tolist() == tok.encode(text)
+        joined += len(lines) - len(seqs)
+    assert joined > 1000
+
+
+def test_joined_bpe_sequences_are_cut_again_past_the_limit() -> None:
+    text = "".join(f"line {i}, word\n" for i in range(200))  # every line end joinable
+    assert textstream.bpe_sequences(text) == [text]
+    seqs = textstream.bpe_sequences(text, limit=50)
+    assert "".join(seqs) == text and len(seqs) > 30
+    assert all(50 < len(s) <= 50 + len("line 199, word\n") for s in seqs[:-1])
+    assert all(s.endswith("\n") for s in seqs)
+
+
+def test_every_whitespace_of_the_bpe_pre_tokenizer_is_isspace() -> None:
+    # What makes "not str.isspace" mean "not \s" to the pre-tokenizer (textstream's doc): for
+    # a character c that \s matches, cc + "b" is three pre-tokens (\s+(?!\S) backs off by one),
+    # for any other at most two. (The space itself is the optional space of " b".)
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ws = {c for c in range(0x110000) if not 0xD800 <= c < 0xE000
+          and len(pre.pre_tokenize_str(chr(c) * 2 + "b")) == 3}
+    assert {0x09, 0x0A, 0x0D, 0x85, 0xA0, 0x2028, 0x3000} <= ws
+    assert all(chr(c).isspace() for c in ws)
+
+
+def test_the_bpe_encoder_returns_each_piece_one_call_later_and_raises_its_errors(
+    small_text: str,
+) -> None:
+    tok = BPETokenizer.train(small_text, 300)
+    enc = textstream.BPEEncoder(tok.hf, np.dtype("<u2"))
+    assert enc.feed("First line,\nsecond ").size == 0  # started in the background
+    assert enc.feed("line.\nthird").tolist() == tok.encode("First line,\n")
+    assert enc.finish().tolist() == tok.encode("second line.\nthird")
+    # The Rust side refuses a lone surrogate (TypeError); the error reaches the caller.
+    enc = textstream.BPEEncoder(tok.hf, np.dtype("<u2"))
+    enc.feed("bad \ud800 text\n")
+    with pytest.raises(TypeError):
+        enc.finish()
 
 
 def test_every_line_break_of_splitlines_is_whitespace_to_split() -> None:
