@@ -104,6 +104,19 @@ def remember(
     session.flush()
 
 
+def winner(session: Session, scope: str, key: str | None, digest: str,
+           ttl_s: float) -> str:
+    """After the commit that adds a resource failed with ``IntegrityError``: roll back and
+    return the id of the resource a concurrent request with the same ``key`` created first.
+    Re-raises that ``IntegrityError`` (call it in the ``except`` block) when there is no key,
+    or no such resource: then the error was another one."""
+    session.rollback()
+    found = find(session, scope, key, digest, ttl_s) if key is not None else None
+    if found is None:
+        raise  # the IntegrityError being handled by the caller
+    return found
+
+
 def purge_expired(session: Session, ttl_s: float) -> int | None:
     """Delete every key older than ``ttl_s`` seconds and commit (call it with nothing else
     pending), unless this process did so less than :data:`PURGE_INTERVAL_S` ago (then None).

@@ -155,14 +155,6 @@ def fail_attempt(
 # -- queued jobs whose message is lost -----------------------------------------------------------
 
 
-def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) -> None:
-    """A queued job's message was just handed to the broker again (a shutdown requeue):
-    ``enqueued_at`` = now. Does nothing to a job that is not queued."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == S.QUEUED)
-                    .values(enqueued_at=now or utcnow())
-                    .execution_options(synchronize_session=False))
-
-
 def lost_queued_jobs(
     session: Session, *, cutoff: datetime, pending: Collection[str] | None,
 ) -> list[str]:

@@ -4,6 +4,7 @@
 - ``postgres_url``: a fresh, empty PostgreSQL database per test, on a server started for the
   session (from the ``pgserver`` wheel) or on ``TEST_DATABASE_URL`` when that is set.
   ``make_postgres_database()`` makes more.
+- ``private_postgres``: a PostgreSQL server of the test's own, to stop and start (outages).
 - ``sqlite_url``: a fresh SQLite file per test.
 - ``start_service(database_url)``: a real API (uvicorn) and a real Celery worker
   (``lmforge worker``) as subprocesses, each on its own Redis database number; its
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +40,7 @@ from lmforge.processes import (
     free_port,
     kill_process_group,
     spawn,
+    terminate,
 )
 from tests.support.postgres import PostgresServer
 
@@ -135,6 +136,26 @@ def postgres_url(make_postgres_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, on a fixed port, that the test may stop and
+    start again (``.stop()``, ``.start()``, same data) to play a database outage; removed
+    afterwards (only the root that ``temporary()`` made)."""
+    try:
+        server = PostgresServer.temporary(port=free_port())
+    except EmbeddedServerError as exc:
+        pytest.skip(f"no embedded PostgreSQL: {exc}")
+    try:
+        server.start()
+    except EmbeddedServerError as exc:
+        server.remove()
+        pytest.skip(f"the embedded PostgreSQL cannot run here: {exc}")
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A fresh SQLite file (not created yet)."""
     return f"sqlite:///{tmp_path / 'lmforge.db'}"
@@ -176,14 +197,8 @@ class Service:
             _active_services.remove(self)
         self.client.close()
         for proc in reversed(list(self.procs.values())):  # API first, then the worker
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    pass
-            kill_process_group(proc)
-            proc.wait()
+            terminate(proc, timeout=60)
+            kill_process_group(proc)  # whatever of its group is left
 
 
 _active_services: list[Service] = []

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from sqlalchemy import update
 from app.jobs import cancel_job
 from core.contract import CheckpointBlob, CheckpointKind, StepMetrics
 from core.errors import Conflict
-from lmforge.processes import EmbeddedServerError, free_port
 from store.db import session_scope
 from store.models import Job, JobStatus
 from store.progress import claim_job, finish_job
@@ -380,25 +379,6 @@ def test_each_way_an_attempt_ends_is_recorded(env: Env) -> None:
 # -- 6. database outages --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test's own (on a fixed port, so it can be stopped and
-    started again with the same data), removed at the end."""
-    try:
-        server = PostgresServer.temporary(port=free_port())
-    except EmbeddedServerError as exc:
-        pytest.skip(f"no PostgreSQL: {exc}")
-    try:
-        server.start()
-    except EmbeddedServerError as exc:
-        server.remove()
-        pytest.skip(f"the embedded PostgreSQL cannot run here: {exc}")
-    try:
-        yield server
-    finally:
-        server.remove()
-
-
 def _rows(*steps: int) -> list[StepMetrics]:
     return [StepMetrics(step=i, epoch=0.0, train_loss=1.0, lr=0.1, grad_norm=1.0,
                         tokens_per_s=1.0, elapsed_s=0.1, tokens_seen=i) for i in steps]
@@ -412,12 +392,12 @@ def _claimed_hooks(env: Env, retry: DbRetry) -> tuple[str, DatabaseHooks]:
 
 
 def test_metrics_and_checkpoints_written_during_a_postgres_restart_arrive_once(
-    tmp_path: Path, own_postgres: PostgresServer,
+    tmp_path: Path, private_postgres: PostgresServer,
 ) -> None:
-    env = make_env(tmp_path, own_postgres.create_database("outage"))
+    env = make_env(tmp_path, private_postgres.create_database("outage"))
     job_id, hooks = _claimed_hooks(env, DbRetry(budget_s=DEADLINE_S, first_s=0.1, max_s=0.5))
     hooks.on_metrics(_rows(1, 2))
-    own_postgres.stop()
+    private_postgres.stop()
     hooks.on_metrics(_rows(3, 4))  # fails: the rows are kept
     hooks.on_metrics(_rows(5))
     assert hooks.failed_flushes == 2 and [r.step for r in hooks.unsent] == [3, 4, 5]
@@ -426,7 +406,7 @@ def test_metrics_and_checkpoints_written_during_a_postgres_restart_arrive_once(
     writer.start()  # retries until the server is back
     time.sleep(0.5)
     assert writer.is_alive()
-    own_postgres.start()
+    private_postgres.start()
     writer.join(DEADLINE_S)
     assert not writer.is_alive() and hooks.unsent == [] and not hooks.lost
     assert env.steps(job_id) == [1, 2, 3, 4, 5]
@@ -435,14 +415,14 @@ def test_metrics_and_checkpoints_written_during_a_postgres_restart_arrive_once(
 
 
 def test_a_lease_lost_during_an_outage_is_detected(
-    tmp_path: Path, own_postgres: PostgresServer,
+    tmp_path: Path, private_postgres: PostgresServer,
 ) -> None:
-    env = make_env(tmp_path, own_postgres.create_database("lease"))
+    env = make_env(tmp_path, private_postgres.create_database("lease"))
     job_id, hooks = _claimed_hooks(env, DbRetry(budget_s=5, first_s=0.1, max_s=0.5))
-    own_postgres.stop()
+    private_postgres.stop()
     hooks.on_metrics(_rows(1, 2))
     assert hooks.failed_flushes == 1 and not hooks.lost
-    own_postgres.start()
+    private_postgres.start()
     with session_scope(env.factory) as s:  # meanwhile the sweep gave the job to attempt 2
         s.execute(update(Job).where(Job.id == job_id).values(attempts=2))
     hooks.on_metrics(_rows(3))
@@ -451,36 +431,36 @@ def test_a_lease_lost_during_an_outage_is_detected(
 
 
 def test_a_checkpoint_row_that_cannot_be_written_in_time_leaves_no_blob(
-    tmp_path: Path, own_postgres: PostgresServer,
+    tmp_path: Path, private_postgres: PostgresServer,
 ) -> None:
-    env = make_env(tmp_path, own_postgres.create_database("budget"))
+    env = make_env(tmp_path, private_postgres.create_database("budget"))
     job_id, hooks = _claimed_hooks(env, DbRetry(budget_s=1.0, first_s=0.1, max_s=0.2))
-    own_postgres.stop()
+    private_postgres.stop()
     with pytest.raises(DatabaseUnavailable):
         hooks.on_checkpoint(CheckpointBlob(CheckpointKind.LAST, 3, b"three"))
     blobs = env.storage.root / "checkpoints" / job_id
     assert not blobs.exists() or list(blobs.iterdir()) == []
-    own_postgres.start()
+    private_postgres.start()
     assert env.checkpoints(job_id) == []
 
 
 def test_a_job_rides_out_a_postgres_restart(
-    tmp_path: Path, own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, private_postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    env = make_env(tmp_path, own_postgres.create_database("ride"))
+    env = make_env(tmp_path, private_postgres.create_database("ride"))
     job_id = env.submit(max_steps=400, log_interval=5, eval_interval=100,
                         checkpoint_interval=50)
     caplog.set_level(logging.WARNING, logger="worker.runner")
     run = _Run(env, job_id, db_retry=DbRetry(budget_s=DEADLINE_S, first_s=0.1, max_s=0.5))
     run.start()
     _wait_for("training", lambda: env.job(job_id).progress.get("step", 0) >= 20)
-    own_postgres.stop()
+    private_postgres.stop()
 
     def outage_seen() -> bool:
         return any("database is unavailable" in r.getMessage() for r in caplog.records)
 
     _wait_for("the worker to meet the outage", outage_seen)
-    own_postgres.start()
+    private_postgres.start()
     assert run.finish() == JobStatus.SUCCEEDED
     job = env.job(job_id)
     assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)

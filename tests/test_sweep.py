@@ -487,17 +487,20 @@ def test_memory_cgroup_of_this_process_reads_a_counter() -> None:
     assert isinstance(cgroup.oom_kills(), int)
 
 
-def test_mark_enqueued_is_only_for_queued_jobs(env: Env) -> None:
-    from store.sweep import mark_enqueued
+def test_a_shutdown_requeue_records_its_enqueue_only_for_its_own_attempt(env: Env) -> None:
+    """``requeue_interrupted`` sets ``enqueued_at`` in the same UPDATE that queues the job
+    (the task then hands its message back), and touches no job it does not requeue."""
+    from store.progress import JobLost, requeue_interrupted
 
-    queued = env.job(enqueued_at=ago(600))
-    running = env.job(S.RUNNING, enqueued_at=None)
+    interrupted = env.job(S.RUNNING, attempts=1, enqueued_at=ago(600), heartbeat_at=utcnow())
+    other = env.job(S.RUNNING, attempts=2, enqueued_at=None, heartbeat_at=utcnow())
     with session_scope(env.factory) as s:
-        mark_enqueued(s, queued)
-        mark_enqueued(s, running)
-    enqueued_at = env.get(queued).enqueued_at
+        requeue_interrupted(s, interrupted, 1)
+    with pytest.raises(JobLost), session_scope(env.factory) as s:
+        requeue_interrupted(s, other, 1)  # not its attempt
+    enqueued_at = env.get(interrupted).enqueued_at
     assert enqueued_at is not None and enqueued_at > ago(60)
-    assert env.get(running).enqueued_at is None
+    assert env.get(other).enqueued_at is None
 
 
 def test_a_dead_pool_process_expires_only_its_own_attempts_lease(env: Env) -> None:

@@ -32,7 +32,6 @@ from store.sweep import (
     SweepResult,
     expire_lease,
     fail_attempt,
-    mark_enqueued,
     running_attempt,
     sweep_all,
 )
@@ -99,8 +98,8 @@ def train_job(job_id: str) -> None:
 
     When the worker shuts down, the job is interrupted (``last`` checkpoint, back to queued)
     and its message, not acknowledged yet (late acks), is rejected with requeue so that the
-    next worker resumes it; ``enqueued_at`` is set to now, as the message is handed back to
-    the broker (the queued sweep then leaves the job alone for ``requeue_after_s``). Should
+    next worker resumes it (``store.progress.requeue_interrupted`` set ``enqueued_at`` to now
+    as it queued the job, so the queued sweep leaves it alone for ``requeue_after_s``). Should
     the main process not handle the reject before it exits, the cold shutdown restores the
     unacknowledged message instead: either way, once."""
     settings = get_settings()
@@ -109,11 +108,6 @@ def train_job(job_id: str) -> None:
                      storage=LocalStorage(settings.storage_dir), settings=settings,
                      shutdown=SHUTDOWN)
     if status == JobStatus.QUEUED:
-        try:
-            with session_scope(factory) as s:
-                mark_enqueued(s, job_id)
-        except Exception:  # harmless: the queued sweep finds the message in the queue
-            log.warning("could not record the requeue time of %s", job_id, exc_info=True)
         raise Reject("the worker is shutting down", requeue=True)
 
 

@@ -102,11 +102,7 @@ async def upload_dataset(
                 session.commit()
             except IntegrityError:
                 # A concurrent upload with the same key committed first: return its dataset.
-                session.rollback()
-                winner = (idempotency.find(session, scope, idempotency_key, digest, ttl)
-                          if idempotency_key is not None else None)
-                if winner is None:
-                    raise
+                winner = idempotency.winner(session, scope, idempotency_key, digest, ttl)
                 return DatasetOut.model_validate(
                     datasets.get_dataset(session, principal, winner)), False
             created = True

@@ -86,11 +86,7 @@ def create_job(
         session.commit()
     except IntegrityError:
         # A concurrent request with the same key committed first: return its job.
-        session.rollback()
-        winner = (idempotency.find(session, scope, idempotency_key, digest, ttl)
-                  if idempotency_key is not None else None)
-        if winner is None:
-            raise
+        winner = idempotency.winner(session, scope, idempotency_key, digest, ttl)
         return _replayed(session, principal, response, winner)
     out = JobOut.model_validate(job)
     assert job.enqueued_at is not None

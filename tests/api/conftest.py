@@ -117,25 +117,3 @@ def small_spec(dataset_id: str, **training: Any) -> dict[str, Any]:
         "model": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
         "training": {"batch_size": 4, "seq_len": 8, "max_steps": 5, **training},
     }
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[Any]:
-    """A PostgreSQL server of the test's own, on a fixed port, that the test may stop and
-    start again (``.stop()``, ``.start()``) to play a database outage; removed afterwards."""
-    from lmforge.processes import EmbeddedServerError, free_port
-    from tests.support.postgres import PostgresServer
-
-    try:
-        server = PostgresServer.temporary(port=free_port())
-    except EmbeddedServerError as exc:
-        pytest.skip(f"no embedded PostgreSQL: {exc}")
-    try:
-        server.start()
-    except EmbeddedServerError as exc:
-        server.remove()  # deletes only the root that temporary() made
-        pytest.skip(f"the embedded PostgreSQL cannot run here: {exc}")
-    try:
-        yield server
-    finally:
-        server.remove()

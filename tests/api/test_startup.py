@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from lmforge import proctree
-from lmforge.processes import free_port, kill_process_group, spawn
+from lmforge.processes import free_port, kill_process_group, spawn, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 3
@@ -57,14 +56,8 @@ def _wait_all_workers_ready(proc: subprocess.Popen[bytes], log_path: Path) -> No
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
+    terminate(proc, timeout=60)
     kill_process_group(proc)
-    proc.wait()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

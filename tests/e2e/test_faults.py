@@ -43,6 +43,7 @@ from lmforge.processes import (
     free_port,
     kill_process_group,
     spawn,
+    terminate,
 )
 from store import apikeys
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
@@ -186,14 +187,8 @@ class Stack:
     def close(self) -> None:
         self.client.close()
         for proc in reversed(self._started):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    pass
+            terminate(proc, timeout=30)
             kill_process_group(proc)
-            proc.wait()
         self.redis.stop()
         self.engine.dispose()
 
