@@ -127,6 +127,18 @@ class Dataset(Base):
     # uploaded it; only it and admins see it. NULL for rows older than migration 0004: only
     # admins see those.
     owner_id: Mapped[str | None] = mapped_column(String(40))
+    # Migration 0005 (app.datasets, core.labelled): "text" (plain UTF-8, "\n" line ends only)
+    # or "labelled" (JSON Lines, one {"text", "label"} per line); the upload's source format
+    # ("text", "jsonl", "csv", "tsv"), how many files it was made of and how they were
+    # compressed ("none", "gzip", "zstd", "mixed"); a labelled dataset's example count and
+    # label -> count; statistics per tokenizer kind (core.textstats.tokenizer_stats).
+    kind: Mapped[str] = mapped_column(String(16), default="text", server_default="text")
+    format: Mapped[str] = mapped_column(String(16), default="text", server_default="text")
+    num_files: Mapped[int] = mapped_column(default=1, server_default="1")
+    compression: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
+    num_examples: Mapped[int | None] = mapped_column(BigInteger)
+    labels: Mapped[dict[str, Any] | None]
+    stats: Mapped[dict[str, Any] | None]
 
     __table_args__ = (
         Index("ix_datasets_created_at_id", "created_at", "id"),
