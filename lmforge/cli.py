@@ -3,6 +3,7 @@
     lmforge up [--host H] [--port P]        everything on one machine (embedded Redis, SQLite)
     lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
     lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
+    lmforge serve [--host H] [--port P]     the inference server (generate/score/classify)
     lmforge db upgrade                      upgrade the database schema to the newest revision
     lmforge keys create --name NAME [--admin]   create an API key; prints only the key
     lmforge keys list                       list API keys (prefix, name, admin, dates)
@@ -78,6 +79,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     celery.worker_main(argv)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.serve.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
     return 0
 
 
@@ -232,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default=None, help="comma-separated queues (default: lmforge)")
     worker.add_argument("--hostname", default=None, help="Celery node name")
     worker.set_defaults(func=_cmd_worker)
+
+    serve = sub.add_parser(
+        "serve", help="serve inference (generate, score, classify) for the API",
+        description="The inference server the API calls (LMFORGE_INFERENCE_URL); it loads "
+                    "checkpoints from storage and may use torch. Bind it to a private address: "
+                    "it has no authentication of its own.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=_cmd_serve)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

@@ -83,6 +83,23 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(default=1024 * 1024, ge=1,
                                      alias="LMFORGE_MAX_JSON_BODY_BYTES")
 
+    # -- Inference (generate/score/classify; `lmforge serve`, docs/architecture.md) ----------
+    # Where the API finds the inference server (`lmforge serve`).
+    inference_url: str = Field(default="http://127.0.0.1:8765", alias="LMFORGE_INFERENCE_URL")
+    # Loaded models the inference server keeps (LRU, keyed by checkpoint sha256).
+    inference_cache_models: int = Field(default=4, ge=1, alias="LMFORGE_INFERENCE_CACHE_MODELS")
+    # Each inference request's deadline (seconds; a request may ask for less): 504 past it.
+    inference_deadline_s: float = Field(default=30.0, gt=0, alias="LMFORGE_INFERENCE_DEADLINE_S")
+    # Bounds of one request (422 past them).
+    inference_max_prompt_chars: int = Field(default=10_000, ge=1,
+                                            alias="LMFORGE_INFERENCE_MAX_PROMPT_CHARS")
+    inference_max_text_chars: int = Field(default=100_000, ge=1,
+                                          alias="LMFORGE_INFERENCE_MAX_TEXT_CHARS")
+    inference_max_new_tokens: int = Field(default=2000, ge=1,
+                                          alias="LMFORGE_INFERENCE_MAX_NEW_TOKENS")
+    inference_max_samples: int = Field(default=16, ge=1, alias="LMFORGE_INFERENCE_MAX_SAMPLES")
+    inference_max_texts: int = Field(default=256, ge=1, alias="LMFORGE_INFERENCE_MAX_TEXTS")
+
     @property
     def heartbeat_interval_s(self) -> float:
         """How often a running job renews its lease (and polls for a cancel): a sixth of the
