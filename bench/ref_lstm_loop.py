@@ -22,7 +22,11 @@ The recipe, which the engine child of ``bench/engine_vs_ref.py`` mirrors:
   state carried along, the mean cross-entropy per character.
 
 Prints one JSON line: ``tokens_per_s``, ``train_loss`` (the last step's), ``val_loss`` (nats per
-character), ``val_ppl`` and ``threads``.
+character), ``val_ppl``, ``threads`` and, on CUDA, ``cuda_peak_mib`` (``torch.cuda.max_memory_allocated``).
+
+``--device cuda`` runs it on a GPU (the per-step ``loss.item()`` synchronises, so the wall time
+is the GPU's); ``--precision bf16`` runs the forward pass and loss under
+``torch.autocast(dtype=torch.bfloat16)`` with fp32 weights, as the engine's ``precision: bf16``.
 
     .venv/bin/python bench/ref_lstm_loop.py [CORPUS] --steps 200 --warmup 10 --threads 2
 
@@ -77,6 +81,12 @@ def columns(ids: torch.Tensor, batch: int) -> torch.Tensor:
     return ids[: batch * width].view(batch, width)
 
 
+def autocast(a: argparse.Namespace) -> torch.autocast:
+    """bf16 autocast on ``a.device`` when ``a.precision == "bf16"``, else a disabled one."""
+    dev = torch.device(a.device).type
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
+
 def train(
     model: CharLSTM, data: torch.Tensor, a: argparse.Namespace, vocab: int
 ) -> tuple[float, float]:
@@ -99,8 +109,9 @@ def train(
         if state is not None:  # keep the state, cut the graph: truncated BPTT
             state = (state[0].detach(), state[1].detach())
         optimizer.zero_grad()
-        logits, state = model(inputs, state)
-        loss = loss_fn(logits.reshape(-1, vocab), targets.reshape(-1))
+        with autocast(a):
+            logits, state = model(inputs, state)
+            loss = loss_fn(logits.reshape(-1, vocab).float(), targets.reshape(-1))
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         optimizer.step()
@@ -109,17 +120,19 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: CharLSTM, data: torch.Tensor, seq_len: int, vocab: int) -> float:
+def evaluate(model: CharLSTM, data: torch.Tensor, a: argparse.Namespace, vocab: int) -> float:
     """Mean cross-entropy (nats per character) over ``data`` (batch, n), read in windows of
     ``seq_len`` with the hidden state carried from one window to the next."""
     model.eval()
+    seq_len = a.seq_len
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total, count, state = 0.0, 0, None
     for pos in range(0, data.size(1) - 1 - seq_len, seq_len):
         inputs = data[:, pos : pos + seq_len]
         targets = data[:, pos + 1 : pos + seq_len + 1]
-        logits, state = model(inputs, state)
-        total += loss_fn(logits.reshape(-1, vocab), targets.reshape(-1)).item()
+        with autocast(a):
+            logits, state = model(inputs, state)
+        total += loss_fn(logits.reshape(-1, vocab).float(), targets.reshape(-1)).item()
         count += targets.numel()
     return total / max(count, 1)
 
@@ -145,6 +158,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = p.parse_args()
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
@@ -157,13 +172,17 @@ def main() -> None:
     torch.manual_seed(a.seed)
     ids, vocab = encode(corpus.read_text(encoding="utf-8"))
     cut = int(len(ids) * TRAIN_FRACTION)
-    train_data = columns(ids[:cut], a.batch_size)  # (batch, n_train)
-    val_data = columns(ids[cut:], a.batch_size)  # (batch, n_val)
-    model = CharLSTM(vocab, a.embed_dim, a.hidden_dim, a.num_layers)
+    device = torch.device(a.device)
+    train_data = columns(ids[:cut], a.batch_size).to(device)  # (batch, n_train)
+    val_data = columns(ids[cut:], a.batch_size).to(device)  # (batch, n_val)
+    model = CharLSTM(vocab, a.embed_dim, a.hidden_dim, a.num_layers).to(device)
 
     seconds, train_loss = train(model, train_data, a, vocab)
-    val_loss = evaluate(model, val_data, a.seq_len, vocab)
-    print(json.dumps({
+    val_loss = evaluate(model, val_data, a, vocab)
+    extra = {}
+    if device.type == "cuda":
+        extra["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps({**extra,
         "tokens_per_s": a.steps * a.batch_size * a.seq_len / seconds,
         "train_loss": train_loss,
         "val_loss": val_loss,
