@@ -22,7 +22,8 @@ The recipe, which the engine child of ``bench/engine_vs_ref.py`` mirrors:
   state carried along, the mean cross-entropy per character.
 
 Prints one JSON line: ``tokens_per_s``, ``train_loss`` (the last step's), ``val_loss`` (nats per
-character), ``val_ppl``, ``threads`` and, on CUDA, ``cuda_peak_mib`` (``torch.cuda.max_memory_allocated``).
+character), ``val_ppl``, ``threads`` and, on CUDA, ``cuda_peak_mib``
+(``torch.cuda.max_memory_allocated``).
 
 ``--device cuda`` runs it on a GPU (the per-step ``loss.item()`` synchronises, so the wall time
 is the GPU's); ``--precision bf16`` runs the forward pass and loss under
