@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app import quotas
+from app import classify, quotas
 from app.auth import Principal, owner_filter
 from app.datasets import get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
@@ -129,7 +129,10 @@ def validate_sources(session: Session, principal: Principal,
         except NotFound:
             raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist",
                                    field=field) from None
-    _check_corpus_size(spec, stats)
+    if getattr(spec, "task", "lm") == "classify":
+        classify.check_labelled_sources(session, principal, spec)  # examples, not tokens
+    else:
+        _check_corpus_size(spec, stats)
     return stats
 
 
@@ -144,6 +147,7 @@ def create_job(
     ``settings``: also apply the service's limits (:mod:`app.quotas`: the job's size, 422
     ``job_too_large``/``eval_too_large``; the principal's job quotas, 429 ``quota_exceeded``)."""
     stats = validate_sources(session, principal, spec)
+    spec = classify.resolve_init_from(session, principal, spec)
     if settings is not None:
         quotas.check_job_size(spec, settings, stats["train"],
                               estimate_split_tokens(spec, stats).get("validation"))

@@ -228,6 +228,52 @@ class TrainingSpec(_Strict):
     log_interval: int = Field(default=10, ge=1, le=10_000)
 
 
+# A class label of a labelled dataset: a non-empty text of at most 200 characters.
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
+
+
+class InitFrom(_Strict):
+    """Initialise a classifier's encoder (embedding and LSTM) from a succeeded language-model
+    job's checkpoint: ``best`` (the default), ``last`` or the id of one of that job's
+    checkpoints. The job must be the submitter's own; the model's dimensions and the
+    tokenizer then come from that checkpoint."""
+
+    job_id: Text
+    checkpoint: Text = "best"
+
+
+class ClassifySpec(_Strict):
+    """The text-classification settings of a ``task: "classify"`` job (docs/classification.md).
+
+    - ``pooling``: how the LSTM's top-layer states of one example become one vector for the
+      linear head: ``mean`` (the default) over the example's real tokens, ``max`` (element-wise
+      over them) or ``last`` (the state after its last real token). ``mean`` is the default
+      because every position gets a gradient (the last state alone must carry the whole text
+      through the recurrence, which is slow to learn in a few hundred steps from scratch) and
+      it does not depend on where a text happens to end; padding is never pooled.
+    - ``freeze_encoder_steps``: the embedding and LSTM stay fixed for the first N optimizer
+      steps (only the new head learns), then train with it.
+    - ``class_weights``: ``none``, ``balanced`` (n_examples / (n_classes * n_label), the
+      scikit-learn ``class_weight="balanced"`` formula) or ``{label: weight}`` (labels not
+      named weigh 1), applied in the cross-entropy.
+    - ``max_len``: tokens per example; longer texts keep their first ``max_len`` tokens.
+
+    The split is the job's ``val_fraction``/``test_fraction`` (stratified by label) or
+    separate ``validation``/``test`` datasets."""
+
+    pooling: Literal["last", "mean", "max"] = "mean"
+    freeze_encoder_steps: int = Field(default=0, ge=0, le=10_000_000)
+    class_weights: Literal["none", "balanced"] | dict[Label, Annotated[float, Field(
+        gt=0.0, le=1e6)]] = "none"
+    max_len: int = Field(default=256, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _some_weights(self) -> ClassifySpec:
+        if isinstance(self.class_weights, dict) and not self.class_weights:
+            raise ValueError("class_weights must name at least one label (or be 'none')")
+        return self
+
+
 class JobSpec(_Strict):
     """A training job. The data is ``dataset_id`` (an uploaded dataset) or ``dataset``
     (``{"id"}``, ``{"builtin": "python-docs"}`` or, for ``lmforge train`` only, ``{"path"}``);
@@ -246,6 +292,39 @@ class JobSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # "lm": a language model (the default). "classify": a text classifier on a labelled
+    # dataset (``classify`` settings, optional ``init_from``; docs/classification.md).
+    task: Literal["lm", "classify"] = "lm"
+    init_from: InitFrom | None = None
+    classify: ClassifySpec | None = None
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> JobSpec:
+        # Messages start with the field's name so that the API's 422 names it.
+        if self.task == "lm":
+            if self.classify is not None:
+                raise ValueError("classify settings apply only to task 'classify'")
+            if self.init_from is not None:
+                raise ValueError("init_from applies only to task 'classify' (a classifier's "
+                                 "encoder initialised from a language model)")
+            return self
+        if self.classify is None:
+            self.classify = ClassifySpec()
+        for name in ("dataset", "validation", "test"):
+            source = getattr(self, name)
+            if source is not None and source.builtin is not None:
+                raise ValueError(f"{name} must be a labelled dataset for task 'classify' "
+                                 f"(the built-in corpora are plain text)")
+        if self.model.tie_weights:
+            raise ValueError("model has tie_weights=true, which does not apply to task "
+                             "'classify' (a classifier has no output embedding to tie)")
+        if self.training.max_tokens is not None:
+            raise ValueError("training has max_tokens set, which does not apply to task "
+                             "'classify' (use max_steps or max_epochs)")
+        if self.init_from is not None and self.model.pretrained_embeddings is not None:
+            raise ValueError("init_from and model.pretrained_embeddings both initialise the "
+                             "embedding: give one of them")
+        return self
 
     @model_validator(mode="after")
     def _normalise_dataset(self) -> JobSpec:
