@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
 from core.contract import TrainingError
-from worker.engine.model import LSTMLanguageModel
+from worker.engine.model import ModelConfig
 from worker.engine.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def load_pretrained(model: LSTMLanguageModel, tok: Tokenizer, glove_text: str,
+class HasEmbedding(Protocol):
+    """A model with an input embedding ``encoder`` of width ``config.embed_dim`` (the language
+    model, :class:`worker.engine.model.LSTMLanguageModel`, and the classifier,
+    :class:`worker.engine.classifier.LSTMClassifier`)."""
+
+    encoder: torch.nn.Embedding
+    config: ModelConfig
+
+
+def load_pretrained(model: HasEmbedding, tok: Tokenizer, glove_text: str,
                     freeze: bool) -> float:
     """Copy the vectors of vocabulary tokens found in ``glove_text`` into the embedding rows;
     other rows keep their random init. Returns coverage = covered tokens / vocab size.
