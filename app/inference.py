@@ -12,10 +12,9 @@ Errors, in the API's one error shape (:mod:`app.http_errors`), raised as
   deadline (plus :data:`GRACE_S` for the transfer);
 - 503 ``inference_unavailable`` (``Retry-After``): the server cannot be reached (not running,
   refusing connections);
-- a 4xx of the server (a bad prompt, an unreadable checkpoint, ...) is passed through with its
-  status, code, message and field;
-- 502 ``inference_failed``: the server answered a 5xx other than 503/504, or something that is
-  not the error shape.
+- an error the server answers in the error shape with a 4xx, 501, 503 (``blob_missing``,
+  ``checkpoint_corrupt``) or 504 is passed through with its status, code, message and field;
+- 502 ``inference_failed``: any other 5xx of the server, or an error not in the error shape.
 """
 
 from __future__ import annotations
@@ -95,17 +94,19 @@ class InferenceClient:
             code, message = str(err["code"]), str(err["message"])
         except (ValueError, KeyError, TypeError):
             err, code, message = {}, "", ""
+        if code and (400 <= status < 500 or status in (501, 503, 504)):
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+            return InferenceError(status, code, message, field=err.get("field"),
+                                  details=err.get("details") or None, headers=headers)
         if status == 504:
             return deadline_exceeded(deadline_s)
         if status == 503:
             return unavailable(self.base_url)
-        if 400 <= status < 500 and code:
-            return InferenceError(status, code, message, field=err.get("field"),
-                                  details=err.get("details") or None)
         log.error("inference server answered %s: %s", status, resp.text[:500])
+        detail = f" ({code}: {message})" if code else ""
         return InferenceError(502, "inference_failed",
-                              f"the inference server failed ({status}); the error is in its "
-                              "log")
+                              f"the inference server failed with {status}{detail}; the details "
+                              "are in its log")
 
     def post_json(self, path: str, payload: dict[str, Any], deadline_s: float
                   ) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     inference_url: str = Field(default="http://127.0.0.1:8765", alias="LMFORGE_INFERENCE_URL")
     # Loaded models the inference server keeps (LRU, keyed by checkpoint sha256).
     inference_cache_models: int = Field(default=4, ge=1, alias="LMFORGE_INFERENCE_CACHE_MODELS")
+    # Where the inference server runs models: "auto" is CUDA when available, else the CPU.
+    inference_device: Literal["auto", "cpu", "cuda"] = Field(default="auto",
+                                                             alias="LMFORGE_INFERENCE_DEVICE")
     # Each inference request's deadline (seconds; a request may ask for less): 504 past it.
     inference_deadline_s: float = Field(default=30.0, gt=0, alias="LMFORGE_INFERENCE_DEADLINE_S")
     # Bounds of one request (422 past them).

@@ -9,6 +9,8 @@
 - ``start_service(database_url)``: a real API (uvicorn) and a real Celery worker
   (``lmforge worker``) as subprocesses, each on its own Redis database number; its
   ``client`` sends an API key of principal ``tester`` made with ``lmforge keys create``.
+  ``start_service(database_url, inference=True)`` also starts the inference server
+  (``lmforge serve``) that the API's generate/score/classify routes call.
 - ``service``: one started service per database backend (``sqlite``, ``postgres``), shared by
   the tests of the session; tests using it run once per backend.
 - ``procs``: helpers to list a process's descendants and wait until processes are gone.
@@ -180,6 +182,7 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    inference_url: str = ""  # the inference server's base URL, when started
 
     def log_tail(self, lines: int = 60) -> str:
         out = []
@@ -213,7 +216,7 @@ def start_service(
     redis_db = itertools.count(1)
     started: list[Service] = []
 
-    def start(database_url: str, name: str = "svc") -> Service:
+    def start(database_url: str, name: str = "svc", inference: bool = False) -> Service:
         home = tmp_path_factory.mktemp(f"service-{name}")
         n = next(redis_db)
         if n > 15:
@@ -226,6 +229,9 @@ def start_service(
             "REDIS_URL": svc_redis,
             "PYTHONUNBUFFERED": "1",
         }
+        serve_port = free_port() if inference else None
+        if serve_port is not None:
+            env["LMFORGE_INFERENCE_URL"] = f"http://127.0.0.1:{serve_port}"
         cli = [sys.executable, "-m", "lmforge.cli"]
         # Upgrades the schema too; the key is its only line on stdout.
         created = subprocess.run(
@@ -250,15 +256,22 @@ def start_service(
         )
         started.append(service)
         _active_services.append(service)
-        for role, argv in (
+        roles = [
             ("worker", [*cli, "worker", "--concurrency", "1", "--hostname", f"{name}@%h"]),
             ("api", [*cli, "api", "--port", str(port), "--log-level", "warning"]),
-        ):
+        ]
+        if serve_port is not None:
+            roles.insert(1, ("inference", [*cli, "serve", "--port", str(serve_port),
+                                           "--log-level", "warning"]))
+        for role, argv in roles:
             log_path = home / f"{role}.log"
             with open(log_path, "ab") as log:
                 service.procs[role] = spawn(argv, env=env, log=log)
             service.logs[role] = log_path
         _wait_healthy(service)
+        if serve_port is not None:
+            service.inference_url = env["LMFORGE_INFERENCE_URL"]
+            _wait_healthy(service, f"{service.inference_url}/healthz")
         return service
 
     yield start
@@ -266,18 +279,19 @@ def start_service(
         service.stop()
 
 
-def _wait_healthy(service: Service) -> None:
+def _wait_healthy(service: Service, url: str = "/healthz") -> None:
+    """Until ``url`` (the API's /healthz, or another server's full URL) answers 200."""
     deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not service.alive():
             raise RuntimeError(f"the service exited while starting:\n{service.log_tail()}")
         try:
-            if service.client.get("/healthz").status_code == 200:
+            if service.client.get(url).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"the API did not become healthy:\n{service.log_tail()}")
+    raise RuntimeError(f"{url} did not become healthy:\n{service.log_tail()}")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
