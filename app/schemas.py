@@ -12,6 +12,7 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from core.classification import ClassificationResult
 from core.contract import StepMetrics, TrainingResult
 from store.models import Metric
 
@@ -162,6 +163,10 @@ JobResultOut: type[BaseModel] = create_model(
     last_checkpoint_id=(str | None, None),
     error=(JobError | None, None),
     **_optional_fields(TrainingResult),
+    # A classification job's result (task "classify"): its own fields, those it shares with
+    # the language model's (steps, stop_reason, test_accuracy, ...) defined once above.
+    **_optional_fields(ClassificationResult,
+                       skip={f.name for f in dataclasses.fields(TrainingResult)}),
 )
 
 

@@ -487,15 +487,10 @@ def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFact
         resume_from, step = retry.call(f"job {job_id}: resume", prepare)
         if step is not None:
             log.info("job %s: resuming from the checkpoint at step %d", job_id, step)
-        sources = load_sources(spec, factory, storage, retry)
-        embeddings = load_embeddings(spec, factory, storage, retry)
-        from worker.engine.trainer import train_sources  # torch: only here, in the pool child
-
-        result = train_sources(spec, sources, hooks, resume_from=resume_from,
-                               cache_dir=settings.cache_dir, embeddings=embeddings)
-        cancelled = result.stop_reason == "cancelled"
+        result = _run_engine(spec, hooks, factory, storage, settings, retry, resume_from)
+        cancelled = result["stop_reason"] == "cancelled"
         return Outcome(JobStatus.CANCELLED if cancelled else JobStatus.SUCCEEDED,
-                       result=result.as_dict())
+                       result=result)
     except TrainingError as exc:
         error = _error(exc, exc.code, exc.message)
         log.warning("job %s failed: %s (%s, step %s): %s", job_id, exc.code, error["phase"],
@@ -511,6 +506,25 @@ def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFact
     finally:
         if beat.is_alive():
             beat.stop()
+
+
+def _run_engine(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory,
+                storage: Storage, settings: Settings, retry: DbRetry,
+                resume_from: bytes | None) -> dict[str, Any]:
+    """Open the job's data and train (a language model, or a text classifier for
+    ``task: "classify"``: :mod:`worker.classify_job`); the result as stored."""
+    if spec.task == "classify":
+        from worker.classify_job import train_classify_job  # torch: in the pool child
+
+        return train_classify_job(spec, hooks, factory, storage, retry,
+                                  resume_from).as_dict()
+    sources = load_sources(spec, factory, storage, retry)
+    embeddings = load_embeddings(spec, factory, storage, retry)
+    from worker.engine.trainer import train_sources  # torch: only here, in the pool child
+
+    result = train_sources(spec, sources, hooks, resume_from=resume_from,
+                           cache_dir=settings.cache_dir, embeddings=embeddings)
+    return result.as_dict()
 
 
 def _interrupted(outcome: Outcome, hooks: DatabaseHooks) -> bool:
