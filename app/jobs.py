@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app import classify, quotas
 from app.auth import Principal, owner_filter
-from app.datasets import get_dataset
+from app.datasets import dataset_ids_of, get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
 from core.spec import DatasetSource, JobSpec
 from core.splits import corpus_shortfall, estimate_split_tokens
@@ -29,6 +29,7 @@ from store.db import newest_first_page
 from store.models import (
     Checkpoint,
     CheckpointKind,
+    Dataset,
     Job,
     JobAttempt,
     JobStatus,
@@ -136,6 +137,20 @@ def validate_sources(session: Session, principal: Principal,
     return stats
 
 
+def check_job(session: Session, principal: Principal, spec: JobSpec,
+              settings: Settings | None) -> tuple[JobSpec, dict[str, TextStats]]:
+    """The submission's checks but the quotas (:func:`validate_sources`, ``init_from``, and
+    with ``settings`` the job's size, :func:`app.quotas.check_job_size`): the spec as it would
+    be stored and its datasets' statistics. Used by :func:`create_job` and the dry run
+    (:mod:`app.estimate`)."""
+    stats = validate_sources(session, principal, spec)
+    spec = classify.resolve_init_from(session, principal, spec)
+    if settings is not None:
+        quotas.check_job_size(spec, settings, stats["train"],
+                              estimate_split_tokens(spec, stats).get("validation"))
+    return spec, stats
+
+
 def create_job(
     session: Session, principal: Principal, spec: JobSpec, *, enqueue: bool = False,
     settings: Settings | None = None,
@@ -146,11 +161,8 @@ def create_job(
     ``enqueued_at`` is set to its ``created_at`` (else NULL: not handed over yet).
     ``settings``: also apply the service's limits (:mod:`app.quotas`: the job's size, 422
     ``job_too_large``/``eval_too_large``; the principal's job quotas, 429 ``quota_exceeded``)."""
-    stats = validate_sources(session, principal, spec)
-    spec = classify.resolve_init_from(session, principal, spec)
+    spec, _ = check_job(session, principal, spec, settings)
     if settings is not None:
-        quotas.check_job_size(spec, settings, stats["train"],
-                              estimate_split_tokens(spec, stats).get("validation"))
         quotas.check_job_quota(session, principal, settings)
     now = utcnow()
     job = Job(
@@ -165,7 +177,25 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    _datasets_still_there(session, job)
     return job
+
+
+def _datasets_still_there(session: Session, job: Job) -> None:
+    """Read the job's datasets again after its row is written, in the same transaction, so a
+    ``DELETE /v1/datasets/{id}`` racing this submission is seen by one side
+    (``app.datasets.delete_dataset``): ``FOR SHARE`` waits for a delete holding the row's lock
+    (PostgreSQL); on SQLite the job's INSERT already holds the database's write lock, so this
+    read sees every committed delete. A dataset gone is a 422 and the job is not created."""
+    ids = sorted(dataset_ids_of(job.spec))
+    if not ids:
+        return
+    found = set(session.scalars(select(Dataset.id).where(Dataset.id.in_(ids))
+                                .with_for_update(read=True)))
+    for dataset_id in ids:
+        if dataset_id not in found:
+            raise ValidationFailed(f"dataset {dataset_id!r} does not exist (it was deleted "
+                                   "while the job was submitted)", field="dataset_id")
 
 
 # -- cancel and enqueue failure ---------------------------------------------------------------

@@ -91,11 +91,32 @@ def activation_bytes(spec: JobSpec, vocab_size: int) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class TrainMemory:
+    """The parts of one training step's estimated peak memory (bytes; module docstring)."""
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int  # of one batch_size x seq_len step
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations
+
+
+def train_memory(spec: JobSpec, vocab_size: int) -> TrainMemory:
+    """Estimated peak memory of one training step, by part (module docstring)."""
+    p = param_count(spec, vocab_size)
+    return TrainMemory(weights=4 * p, gradients=4 * p,
+                       optimizer_state=4 * p * _optimizer_copies(spec),
+                       activations=activation_bytes(spec, vocab_size))
+
+
 def train_memory_bytes(spec: JobSpec, vocab_size: int) -> int:
     """Estimated peak memory of one training step (bytes): weights, gradients, optimizer state
-    and activations (module docstring)."""
-    p = param_count(spec, vocab_size)
-    return 4 * p * (2 + _optimizer_copies(spec)) + activation_bytes(spec, vocab_size)
+    and activations (module docstring; :func:`train_memory` gives the parts)."""
+    return train_memory(spec, vocab_size).total
 
 
 def _distinct_chars_bound(stats: TextStats) -> int:
