@@ -2,10 +2,12 @@
 
 The supervisor starts, in order: an embedded Redis server (only when ``REDIS_URL`` is unset),
 the database schema upgrade (in-process, before anything can use the database), one Celery
-worker and the API. Every child gets ``PR_SET_PDEATHSIG`` (a killed supervisor takes them
-down) and its own process group (a terminal's Ctrl-C reaches only the supervisor, which then
-stops the children in order: API, worker, Redis). If any child exits on its own, the
-supervisor stops the rest and exits non-zero.
+worker, the inference server (``lmforge serve`` on 127.0.0.1: on the port of
+``LMFORGE_INFERENCE_URL`` when that is set, else on a free port it hands to the API in
+``LMFORGE_INFERENCE_URL``) and the API. Every child gets ``PR_SET_PDEATHSIG`` (a killed
+supervisor takes them down) and its own process group (a terminal's Ctrl-C reaches only the
+supervisor, which then stops the children in order: API, inference server, worker, Redis). If
+any child exits on its own, the supervisor stops the rest and exits non-zero.
 
 After the schema upgrade it creates the first admin API key when the database has no admin key
 at all (revoked ones count: revoking it never makes a restart mint a new one) and prints it,
@@ -26,12 +28,13 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from lmforge.processes import RedisServer, kill_process_group, spawn
+from lmforge.processes import RedisServer, free_port, kill_process_group, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 # supervisor's upper bound on that before it kills the worker's process group.
 WORKER_STOP_TIMEOUT_S = 60.0
 API_STOP_TIMEOUT_S = 15.0
+INFERENCE_STOP_TIMEOUT_S = 15.0
 STARTUP_TIMEOUT_S = 120.0
 
 
@@ -117,9 +121,14 @@ class Supervisor:
         cli = [sys.executable, "-m", "lmforge.cli"]
         worker = spawn([*cli, "worker", "--concurrency", str(self.concurrency)], env=env)
         self.children.append(_Child("worker", worker, WORKER_STOP_TIMEOUT_S))
+        inference_url = self._inference_url(env)
+        serve = spawn([*cli, "serve", "--host", "127.0.0.1", "--port",
+                       str(urllib.parse.urlsplit(inference_url).port)], env=env)
+        self.children.append(_Child("inference server", serve, INFERENCE_STOP_TIMEOUT_S))
         api = spawn([*cli, "api", "--host", self.host, "--port", str(self.port)], env=env)
         self.children.append(_Child("api", api, API_STOP_TIMEOUT_S))
         self._wait_healthy()
+        self._wait_healthy(f"{inference_url}/healthz", "the inference server")
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         print(
             f"LMForge is up: http://{shown}:{self.port} (API docs at /docs; data in "
@@ -182,20 +191,34 @@ class Supervisor:
         except Exception as exc:
             raise StartupError(f"could not upgrade the database: {exc}") from exc
 
-    def _wait_healthy(self) -> None:
+    @staticmethod
+    def _inference_url(env: dict[str, str]) -> str:
+        """``LMFORGE_INFERENCE_URL`` when set (it must name a port), else one on a free port
+        of 127.0.0.1, set in ``env`` for the API."""
+        url = env.get("LMFORGE_INFERENCE_URL")
+        if url:
+            if urllib.parse.urlsplit(url).port is None:
+                raise StartupError(f"LMFORGE_INFERENCE_URL={url} names no port")
+            return url.rstrip("/")
+        env["LMFORGE_INFERENCE_URL"] = url = f"http://127.0.0.1:{free_port()}"
+        return url
+
+    def _wait_healthy(self, health_url: str | None = None, what: str = "the API") -> None:
         url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+        health_url = health_url or f"{url}/healthz"
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             self._check_stop()
             self._check_children()
             try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                with urllib.request.urlopen(health_url, timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
                 pass
             self._stop.wait(0.2)
-        raise StartupError(f"the API did not answer {url}/healthz within {STARTUP_TIMEOUT_S:.0f} s")
+        raise StartupError(f"{what} did not answer {health_url} within "
+                           f"{STARTUP_TIMEOUT_S:.0f} s")
 
     def _check_children(self) -> None:
         for child in self.children:
@@ -216,8 +239,8 @@ class Supervisor:
 
     # -- stop --------------------------------------------------------------------------------
     def _stop_all(self) -> None:
-        # API first (no new jobs), then the worker (it needs Redis to requeue its task), then
-        # Redis. A second Ctrl-C/SIGTERM cuts every wait short.
+        # API first (no new jobs), then the inference server, then the worker (it needs Redis
+        # to requeue its task), then Redis. A second Ctrl-C/SIGTERM cuts every wait short.
         signals_before = self._signals
         for child in reversed(self.children):
             self._stop_child(child, signals_before)

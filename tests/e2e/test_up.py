@@ -113,6 +113,10 @@ def test_up_trains_a_job_then_sigterm_stops_everything(up: Up, procs: Any) -> No
         assert time.monotonic() < deadline, up.log()
         time.sleep(0.2)
     assert status == "succeeded"
+    # The inference server `lmforge up` started answers for the API.
+    sampled = up.client.post(f"/v1/jobs/{job_id}/generate", json={"max_new_tokens": 5})
+    assert sampled.status_code == 200, sampled.text
+    assert sampled.json()["samples"][0]["num_tokens"] == 5
 
     tree = _children(procs, up.proc.pid)
     up.proc.send_signal(signal.SIGTERM)
