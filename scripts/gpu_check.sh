@@ -15,13 +15,13 @@ nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 echo "== engine tests on CUDA"
-timeout 300 $py -m pytest tests/engine -q -ra -p no:cacheprovider --confcutdir=tests/engine \
+timeout 240 $py -m pytest tests/engine -q -ra -p no:cacheprovider --confcutdir=tests/engine \
     -o addopts="" --import-mode=importlib --timeout 120 2>&1 | tee "$out/engine_tests_cuda.log" | tail -40
 
 bench() {  # name, extra args
     local name=$1; shift
     echo "== bench $name"
-    timeout 200 $py bench/engine_vs_ref.py --device cuda --threads 0 --warmup 10 --repeats 2 \
+    timeout 150 $py bench/engine_vs_ref.py --device cuda --threads 0 --warmup 10 --repeats 2 \
         --json "$out/$name.json" "$@" 2>&1 | grep -E "repeat|ratio_engine|tokens_per_s_median|peak" 
 }
 bench cuda_fp32_small --steps 200

@@ -13,6 +13,7 @@ import torch
 from core.contract import CorpusTexts, StepMetrics, TrainingError, failure_site
 from core.spec import JobSpec, TrainingSpec
 from worker.engine import evaluate as evaluate_module
+from worker.engine.checkpoint import load_checkpoint
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.trainer import train
 
@@ -230,3 +231,39 @@ def test_non_finite_loss_is_in_the_train_phase(
     with pytest.raises(TrainingError) as err:
         train(make_spec(max_steps=5), CorpusTexts(train=small_text), RecordingHooks())
     assert (err.value.code, err.value.phase, err.value.step) == ("non_finite_loss", "train", 1)
+
+
+def test_non_finite_loss_found_at_the_flush_keeps_the_last_good_weights(
+    small_text: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA path, simulated on the CPU: the non-finite check waits on the device for the
+    next flush (no host sync per step) and the fused optimizer skips every update from the bad
+    step on. The job still fails with ``non_finite_loss`` at the first bad step, with a ``last``
+    checkpoint of the weights before it, even though the validation that ran in between
+    (with the same poisoned loss) gave an infinite loss, which strict JSON cannot hold
+    (found on an H200: the checkpoint's JSON header raised ValueError instead)."""
+    from worker.engine import loop as loop_module
+
+    real = loop_module.F.cross_entropy
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return real(*args, **kwargs) * math.inf
+
+    monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+    spec = make_spec(max_steps=5, log_interval=5, device="cpu")
+    synced = RecordingHooks()  # the CPU path: checked before the first update
+    with pytest.raises(TrainingError):
+        train(spec, CorpusTexts(train=small_text), synced)
+    monkeypatch.setattr(loop_module.TrainLoop, "sync_each_step", property(lambda self: False))
+    hooks = RecordingHooks()
+    with pytest.raises(TrainingError) as err:
+        train(spec, CorpusTexts(train=small_text), hooks)
+    assert (err.value.code, err.value.phase, err.value.step) == ("non_finite_loss", "train", 1)
+    last = hooks.last("last")
+    assert last.step == 0 and "val_loss" not in last.metrics
+    ckpt = load_checkpoint(last.data)
+    assert ckpt.trainer_state["final_val_loss"] is None
+    before = load_checkpoint(synced.last("last").data).model_state  # the initial weights
+    assert ckpt.model_state.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(ckpt.model_state[k], v), k

@@ -29,7 +29,10 @@ def test_same_spec_and_seed_give_identical_metrics(small_text: str) -> None:
 
 
 def test_resume_after_cancel_reproduces_the_uninterrupted_metrics(small_text: str) -> None:
-    spec = make_spec(max_steps=40, eval_interval=10, log_interval=5,
+    # On the CPU: on CUDA, cuDNN draws the dropout between LSTM layers from a state of its own
+    # that no generator state restores (docs/benchmarks.md, "GPU"), so a resumed run with
+    # dropout is as good but not bit-equal there.
+    spec = make_spec(max_steps=40, eval_interval=10, log_interval=5, device="cpu",
                      model={"dropout": 0.3, "num_layers": 2},
                      schedule={"kind": "plateau", "patience": 0},
                      early_stopping={"patience": 10}, top={"test_fraction": 0.1})

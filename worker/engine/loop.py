@@ -54,6 +54,11 @@ T = TypeVar("T")
 RECENT_STEPS = 50  # how many of the last steps' training losses the fresh-state check averages
 
 
+def _finite_or_none(x: float | None) -> float | None:
+    """``x``, or None when it is None, infinite or NaN (strict JSON has no Infinity/NaN)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
 def _detach(hidden: Hidden | None) -> Hidden | None:
     return None if hidden is None else (hidden[0].detach(), hidden[1].detach())
 
@@ -91,7 +96,9 @@ class LoopState:
             "tokens_seen": self.step * batches.tokens_per_batch,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "best_step": self.best_step,
-            "final_val_loss": self.final_val_loss,
+            # A validation loss can overflow to inf (a diverged model): kept out of the strict
+            # JSON as "no value", like an infinite best.
+            "final_val_loss": _finite_or_none(self.final_val_loss),
             "runtime_s": runtime_s,
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state(),
@@ -393,7 +400,7 @@ class TrainLoop:
                 best_state=s.best_weights if full else None,
             )
             metrics: dict[str, Any] = {"step": s.step}
-            if s.final_val_loss is not None:
+            if _finite_or_none(s.final_val_loss) is not None:
                 metrics["val_loss"] = s.final_val_loss
             if not math.isinf(s.best_val_loss):
                 metrics["best_val_loss"] = s.best_val_loss
