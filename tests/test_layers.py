@@ -103,3 +103,9 @@ def test_nothing_outside_the_http_layer_loads_a_web_framework() -> None:
     loaded = _loaded_after_import(modules)
     assert "celery" in loaded and "sqlalchemy" in loaded
     assert loaded & {*WEB, "app"} == set()
+
+
+def test_the_inference_server_loads_neither_the_api_nor_the_entry_points() -> None:
+    loaded = _loaded_after_import(["worker.serve.app"])
+    assert {"torch", "fastapi"} <= loaded
+    assert loaded & {"app", "lmforge"} == set()
