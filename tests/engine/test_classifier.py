@@ -91,14 +91,15 @@ def untimed(rows: Sequence[ClassifyStepMetrics]) -> list[dict[str, Any]]:
 
 
 def cspec(classify: dict[str, Any] | None = None, **training: Any) -> JobSpec:
-    """A small word-level classification spec; ``model``/``optimizer``/``schedule``/``top``
-    keys override those sections / top-level fields."""
+    """A small word-level classification spec on the CPU (exact resume is a CPU property:
+    cuDNN's inter-layer dropout state is not restorable); ``model``/``optimizer``/
+    ``schedule``/``top`` keys override those sections / top-level fields."""
     model = training.pop("model", {})
     optimizer = training.pop("optimizer", {})
     schedule = training.pop("schedule", {})
     top = training.pop("top", {})
     t = {"batch_size": 16, "max_steps": 60, "eval_interval": 20, "log_interval": 10,
-         "num_threads": 1, **training}
+         "num_threads": 1, "device": "cpu", **training}
     return JobSpec.model_validate({
         "dataset_id": "ds_test", "task": "classify", "tokenizer": {"kind": "word"},
         "model": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1, **model},
@@ -437,3 +438,9 @@ def test_a_language_models_checkpoint_is_not_a_classifier(small_text: str) -> No
     with pytest.raises(TrainingError) as err:
         classify_texts(hooks.last("best").data, ["hello"])
     assert err.value.code == "invalid_checkpoint"
+
+
+def test_the_language_model_engine_refuses_a_classify_spec() -> None:
+    with pytest.raises(TrainingError) as err:
+        train(cspec(), CorpusTexts(train="sky w1\n" * 100), RecordingHooks())
+    assert err.value.code == "invalid_spec" and "classify" in err.value.message

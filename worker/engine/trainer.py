@@ -170,6 +170,7 @@ def train_sources(spec: JobSpec, sources: CorpusSources, hooks: TrainingHooks,
     ``embeddings``: GloVe-format text when the spec asks for pretrained embeddings. Raises
     what :func:`train` raises, and ``dataset_error`` for a source that cannot be read."""
     with failures_explained():
+        _language_model_only(spec)
         dev = resolve_device(device or spec.training.device)
         if spec.training.num_threads is not None:
             torch.set_num_threads(spec.training.num_threads)
@@ -186,6 +187,7 @@ def train_prepared(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks
     A checkpoint to resume from must carry the prepared corpus's tokenizer
     (``invalid_checkpoint`` otherwise)."""
     with failures_explained():
+        _language_model_only(spec)
         dev = resolve_device(device or spec.training.device)
         if spec.training.num_threads is not None:
             torch.set_num_threads(spec.training.num_threads)
@@ -253,6 +255,14 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
     result = _result(loop, stop_reason, test, tok.vocab_size, coverage)
     fresh_state_check(result, fresh, state.recent_losses)
     return result
+
+
+def _language_model_only(spec: JobSpec) -> None:
+    """``invalid_spec`` for a spec of another task (``classify``: worker.engine.classifier,
+    run by the service)."""
+    if spec.task != "lm":
+        raise TrainingError("invalid_spec", f"this engine trains language models; a "
+                            f"{spec.task!r} job runs on the service (POST /v1/jobs)")
 
 
 def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
