@@ -32,6 +32,18 @@ class DatasetOut(_FromRow):
     created_at: datetime
     # The principal (API key name) it belongs to; null for data stored before keys existed.
     owner_id: str | None = None
+    # README "Datasets": "text" (UTF-8 text, "\n" line ends) or "labelled" ({text, label}
+    # JSON Lines); the upload's format, files and compression; a labelled dataset's examples
+    # and label -> count; statistics per tokenizer kind (core.datasetstats; null for datasets
+    # uploaded before they were counted). num_chars/num_lines/num_words of a labelled dataset
+    # count its examples' texts.
+    kind: Literal["text", "labelled"] = "text"
+    format: str = "text"
+    num_files: int = 1
+    compression: str = "none"
+    num_examples: int | None = None
+    labels: dict[str, int] | None = None
+    stats: dict[str, Any] | None = None
 
 
 class DatasetList(BaseModel):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from core.contract import TrainingError
+from core.textstats import normalise_line_ends
 
 #: Characters per piece read from a source (about 1 MiB of ASCII text; up to 4 MiB of UTF-8).
 CHUNK_CHARS = 1 << 20
@@ -85,6 +86,8 @@ class _CheckedReader:
         except OSError as exc:
             raise TrainingError("dataset_error",
                                 f"cannot read {self._source.label}: {exc}") from exc
+        if self._source.universal_newlines:
+            piece = normalise_line_ends(piece)  # "\r\n" and "\r" are "\n" already
         self.chars += len(piece)
         if not piece and size > 0 and self.sha256 is None:
             self.sha256 = self._raw.sha.hexdigest()
@@ -108,10 +111,11 @@ class SourceScan:
 class TextSource:
     """A text to stream: ``opener`` returns a fresh binary stream of its UTF-8 bytes (read as
     strict UTF-8), or ``text`` holds it in memory. ``sha256`` (of the bytes), when known, is
-    checked at the end of every full read. ``universal_newlines``: ``\\r\\n`` and ``\\r`` are
-    read as ``\\n`` (Python's text-mode rule, as ``Path.read_text`` reads a file); otherwise
-    the characters are exactly the decoded bytes (as ``bytes.decode``). ``label`` names the
-    source in error messages."""
+    checked at the end of every full read. ``universal_newlines``: the text is read as an upload
+    stores it: a leading byte-order mark dropped and every line break ``str.splitlines`` knows
+    (``\\r\\n``, ``\\r``, U+2028, ...: ``core.textstats.normalise_line_ends``) read as ``\\n``;
+    otherwise the characters are exactly the decoded bytes (as ``bytes.decode``). ``label``
+    names the source in error messages."""
 
     def __init__(self, label: str, *, opener: Callable[[], BinaryIO] | None = None,
                  text: str | None = None, sha256: str | None = None,
@@ -129,7 +133,8 @@ class TextSource:
 
     @classmethod
     def from_path(cls, path: Path, universal_newlines: bool = True) -> TextSource:
-        """A local file; by default read as ``Path.read_text(encoding="utf-8")`` reads it."""
+        """A local file; by default read as an upload of it is stored (a leading BOM dropped,
+        line ends normalised to ``\\n``)."""
         return cls(f"file {path}", opener=lambda: open(path, "rb"),
                    universal_newlines=universal_newlines)
 
@@ -147,7 +152,8 @@ class TextSource:
         except OSError as exc:
             raise TrainingError("dataset_error", f"cannot read {self.label}: {exc}") from exc
         raw = _HashingRaw(fh)
-        text = io.TextIOWrapper(io.BufferedReader(raw, _BUFFER_BYTES), encoding="utf-8",
+        text = io.TextIOWrapper(io.BufferedReader(raw, _BUFFER_BYTES),
+                                encoding="utf-8-sig" if self.universal_newlines else "utf-8",
                                 errors="strict",
                                 newline=None if self.universal_newlines else "")
         try:
@@ -172,10 +178,12 @@ class TextSource:
 
     @property
     def identity(self) -> str:
-        """``<sha256 of the bytes>:<exact|universal>``: what the text is, for cache keys.
-        Scans the source when its sha256 is not known yet."""
+        """``<sha256 of the bytes>:<exact|normalised>``: what the text is, for cache keys.
+        Scans the source when its sha256 is not known yet. (``normalised`` replaced
+        ``universal``, which neither translated U+2028 and the other breaks nor dropped a BOM,
+        so no older cache entry of a file is reused.)"""
         sha = self.sha256 or self.scan().sha256
-        return f"{sha}:{'universal' if self.universal_newlines else 'exact'}"
+        return f"{sha}:{'normalised' if self.universal_newlines else 'exact'}"
 
 
 def _str_sha256(text: str) -> str:

@@ -29,6 +29,7 @@ from core.contract import CheckpointBlob, CorpusTexts, StepMetrics, TrainingErro
 from core.corpora import builtin_corpus
 from core.sources import CorpusSources, TextSource
 from core.spec import DatasetSource, JobSpec
+from core.textstats import normalise_line_ends
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def _find_path(path: str, base_dir: Path) -> Path:
 def _read_path(path: str, base_dir: Path) -> str:
     p = _find_path(path, base_dir)
     try:
-        return p.read_text(encoding="utf-8")
+        # As an upload is stored (core.textstats): no BOM, every line end "\n".
+        return normalise_line_ends(p.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainingError("dataset_error", f"cannot read {p}: {exc}") from exc
 
@@ -69,7 +71,7 @@ def _source(src: DatasetSource, base_dir: Path) -> TextSource:
     if src.builtin is not None:
         return TextSource.from_text(builtin_corpus(src.builtin), f"built-in corpus {src.builtin}")
     if src.path is not None:
-        return TextSource.from_path(_find_path(src.path, base_dir))  # as Path.read_text reads
+        return TextSource.from_path(_find_path(src.path, base_dir))  # as an upload is stored
     raise _needs_service(src)
 
 

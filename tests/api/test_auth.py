@@ -93,6 +93,7 @@ def _requests(w: World) -> list[tuple[str, str, str, dict[str, Any]]]:
         ("POST", "/v1/datasets", "/v1/datasets", {"files": files}),
         ("GET", "/v1/datasets", "/v1/datasets", {}),
         ("GET", "/v1/datasets/{dataset_id}", f"/v1/datasets/{w.dataset_id}", {}),
+        ("DELETE", "/v1/datasets/{dataset_id}", f"/v1/datasets/{w.dataset_id}", {}),
         ("POST", "/v1/jobs", "/v1/jobs", {"json": small_spec(w.dataset_id)}),
         ("GET", "/v1/jobs", "/v1/jobs", {}),
         ("GET", "/v1/jobs/{job_id}", j, {}),
@@ -177,6 +178,7 @@ _CROSS_PRINCIPAL: list[tuple[str, str, int]] = [
     ("POST", "/v1/datasets", 201),  # B's own dataset (checked below: A does not see it)
     ("GET", "/v1/datasets", 200),  # without A's dataset
     ("GET", "/v1/datasets/{dataset_id}", 404),
+    ("DELETE", "/v1/datasets/{dataset_id}", 404),
     ("POST", "/v1/jobs", 422),  # A's dataset "does not exist" for B
     ("GET", "/v1/jobs", 200),  # without A's job
     ("GET", "/v1/jobs/{job_id}", 404),

@@ -9,6 +9,12 @@ from store.settings import Settings
 from tests.api.conftest import CORPUS, upload
 
 
+def stored_files(settings: Settings) -> list[str]:
+    """Every file under the storage's ``datasets/`` (temporary ones included)."""
+    folder = settings.storage_dir / "datasets"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
 def test_upload_returns_201_with_location_counts_and_sha256(client: TestClient) -> None:
     r = upload(client, CORPUS, name="fox")
     assert r.status_code == 201, r.text
@@ -45,7 +51,7 @@ def test_upload_over_the_size_cap_is_413_naming_the_limit(
     assert err["code"] == "payload_too_large"
     assert str(settings.max_upload_bytes) in err["message"]
     assert err["details"] == [{"limit_bytes": settings.max_upload_bytes}]
-    assert not list((settings.storage_dir / "datasets").iterdir())  # temp file removed
+    assert stored_files(settings) == []  # nothing stored, no temporary file left
     assert client.get("/v1/datasets").json()["data"] == []
 
 
@@ -57,7 +63,7 @@ def test_upload_of_non_utf8_bytes_is_422_and_stores_nothing(
     err = r.json()["error"]
     assert err["field"] == "file"
     assert "byte offset 3" in err["message"]
-    assert not list((settings.storage_dir / "datasets").iterdir())
+    assert stored_files(settings) == []
 
 
 def test_upload_without_a_file_field_is_422(client: TestClient) -> None:

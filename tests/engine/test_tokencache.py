@@ -21,6 +21,7 @@ from core.corpora import builtin_corpus, find_corpus
 from core.sources import CorpusSources, TextSource
 from core.spec import JobSpec
 from core.splits import split_bounds, split_texts
+from core.textstats import normalise_line_ends
 from worker.engine import textstream, tokencache
 from worker.engine.data import as_long, eval_streams, eval_windows, token_tensor
 from worker.engine.tokencache import (
@@ -121,13 +122,17 @@ def test_separate_validation_and_test_sources_are_encoded_whole(
 
 
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
-def test_a_file_read_with_universal_newlines_is_read_text_of_it(
+def test_a_file_read_with_universal_newlines_is_read_as_an_upload_is_stored(
     kind: str, real_text: str, tiny_pieces: None, tmp_path: Path,
 ) -> None:
+    """``lmforge train --data`` reads a file as an upload of it is stored: no leading BOM,
+    every line break ``str.splitlines`` knows as ``\\n`` (``core.textstats``)."""
     path = tmp_path / "corpus.txt"
-    path.write_bytes(real_text.encode("utf-8"))
+    path.write_bytes(("\ufeff" + real_text).encode("utf-8"))
     spec = spec_for(kind)
-    tok_json, expected = encode_whole(spec, CorpusTexts(train=path.read_text(encoding="utf-8")))
+    as_stored = normalise_line_ends(real_text)
+    assert as_stored.splitlines() == real_text.splitlines() and "\r" not in as_stored
+    tok_json, expected = encode_whole(spec, CorpusTexts(train=as_stored))
     prepared = prepare_corpus(spec, CorpusSources(TextSource.from_path(path)))
     assert prepared.tokenizer.to_json() == tok_json
     assert as_lists(prepared) == expected

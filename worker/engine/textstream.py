@@ -63,12 +63,11 @@ import numpy as np
 
 from core.contract import TrainingError
 from core.sources import CHUNK_CHARS, TextReader
+from core.textstats import LINE_BREAKS  # what str.splitlines ends a line at
 from worker.engine.tokenizers import EOS, UNK, CharTokenizer, WordTokenizer
 
 #: Characters of an unfinished line past which the line is cut at a safe point.
 LONG_LINE = 1 << 20
-#: What ``str.splitlines`` ends a line at (``\r\n`` ends with ``\n``).
-LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 #: Unicode code points: the size of the char tokenizer's lookup table.
 CODE_POINTS = 0x110000
 #: Characters of a BPE sequence past which joined lines are cut again (at a joinable ``\n``),
