@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session
 from app import idempotency, jobs
 from app.auth import Principal, PrincipalDep
 from app.deps import EnqueuerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
+from app.estimate import JobEstimate, estimate_job
 from app.http_errors import ErrorBody
 from app.params import AfterQuery, AfterStepQuery, CheckpointIdPath, JobIdPath
 from app.routes.files import blob_response
+from app.routes.inference import InferenceClientDep
 from app.schemas import (
     AttemptOut,
     CheckpointList,
@@ -42,13 +44,19 @@ _JOBS = "jobs"  # the Idempotency-Key scope
 
 
 _CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": JobOut, "description": "a retry with the same Idempotency-Key and spec: "
-                                          "the job the first request created"},
+    200: {"model": JobOut | JobEstimate,
+          "description": "a retry with the same Idempotency-Key and spec: the job the first "
+                         "request created; with ?dry_run=true: the estimate (JobEstimate), "
+                         "nothing created"},
     409: {"model": ErrorBody, "description": "the Idempotency-Key was used with another spec "
                                              "(idempotency_key_reused)"},
     422: {"model": ErrorBody, "description": "an invalid spec or Idempotency-Key, naming it"},
     503: {"model": ErrorBody, "description": "the database is unavailable (Retry-After)"},
 }
+DryRunQuery = Annotated[bool, Query(description="only estimate: check the spec as a "
+                                                "submission would, answer 200 with its "
+                                                "vocabulary, parameters, memory and time per "
+                                                "step, and create nothing")]
 
 
 @router.post("", status_code=201, response_model=JobOut, responses=_CREATE_RESPONSES)
@@ -59,8 +67,10 @@ def create_job(
     enqueuer: EnqueuerDep,
     settings: SettingsDep,
     principal: PrincipalDep,
+    inference: InferenceClientDep,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JobOut:
+    dry_run: DryRunQuery = False,
+) -> Response | JobOut:
     """Record the job (201, ``queued``), commit, then hand its id to the broker
     (``enqueued_at`` says when). A broker that does not take it (down, or refusing) leaves
     the job ``queued`` with ``enqueued_at`` null: the queued sweep enqueues it once the
@@ -69,7 +79,15 @@ def create_job(
 
     With ``Idempotency-Key``: a retry with the same key and spec returns the job it created
     (200, ``Idempotent-Replayed: true``); the same key with another spec is 409
-    (``idempotency_key_reused``); see :mod:`app.idempotency`."""
+    (``idempotency_key_reused``); see :mod:`app.idempotency`.
+
+    ``?dry_run=true``: the same checks, then 200 with the estimate (:mod:`app.estimate`:
+    vocabulary bound, parameters, memory by part against the limit, seconds per step from a
+    calibration on the inference server); nothing is created or remembered, and the
+    Idempotency-Key is ignored."""
+    if dry_run:
+        est = estimate_job(session, principal, spec, settings, inference)
+        return JSONResponse(est.model_dump(mode="json"))
     digest = idempotency.request_digest(spec.model_dump(mode="json"))
     ttl = settings.idempotency_ttl_s
     scope = idempotency.principal_scope(_JOBS, principal.id)

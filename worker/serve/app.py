@@ -27,6 +27,7 @@ from core.errors import LMForgeError
 from store.settings import Settings, get_settings
 from store.storage import LocalStorage, Storage
 from worker.engine.generate import DeadlineExceeded
+from worker.serve import export_routes
 from worker.serve.models import ModelCache, resolve_device
 from worker.serve.routes import ServeState
 from worker.serve.routes import router as inference_router
@@ -86,4 +87,5 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         return {"status": "ok", "device": str(device), "cached_models": len(cache.keys())}
 
     app.include_router(inference_router)
+    app.include_router(export_routes.router)  # /export, /calibrate
     return app
