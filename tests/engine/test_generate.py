@@ -269,3 +269,24 @@ def test_sample_keeps_its_callers_contract(small_text: str) -> None:
     assert text == sample(best, "Fir", 15, 0.8, None, seed=3, top_p=0.9)
     with pytest.raises(ValueError, match="top_p"):
         sample(best, "Fir", 5, top_p=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generation_and_scoring_on_cuda_agree_with_the_cpu(
+        trained: tuple[LSTMLanguageModel, Tokenizer], small_text: str) -> None:
+    cpu_model, tok = trained
+    gpu_model = LSTMLanguageModel(**cpu_model.config.as_dict()).cuda().eval()  # type: ignore[arg-type]
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    text = small_text[:800]
+    assert score(gpu_model, tok, text).loss == pytest.approx(score(cpu_model, tok, text).loss,
+                                                             abs=1e-4)
+    kw = {"max_new_tokens": 50, "temperature": 1.3, "top_p": 0.95, "num_samples": 4, "seed": 2}
+    a = generate(gpu_model, tok, "The 日本", **kw)  # type: ignore[arg-type]
+    b = generate(gpu_model, tok, "The 日本", **kw)  # type: ignore[arg-type]
+    assert [s.ids for s in a.samples] == [s.ids for s in b.samples]
+    for s in a.samples:
+        assert s.num_tokens == 50 and "\ufffd" not in s.text
+        assert tok.unk_id is None or tok.unk_id not in s.ids
+    greedy_gpu = generate(gpu_model, tok, "The", max_new_tokens=20, temperature=0)
+    greedy_cpu = generate(cpu_model, tok, "The", max_new_tokens=20, temperature=0)
+    assert greedy_gpu.prompt_tokens == greedy_cpu.prompt_tokens
