@@ -42,6 +42,7 @@ def _requests(
         ("POST", "/v1/datasets", {"files": files}),
         ("GET", "/v1/datasets", {}),
         ("GET", f"/v1/datasets/{ds_id}", {}),
+        ("DELETE", f"/v1/datasets/{ds_id}", {}),
         ("POST", "/v1/jobs", {"json": small_spec(ds_id)}),
         ("POST", "/v1/jobs", {"json": small_spec(ds_id), "headers": {"Idempotency-Key": "k"}}),
         ("GET", "/v1/jobs", {}),
