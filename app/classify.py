@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -105,7 +106,11 @@ def resolve_init_from(session: Session, principal: Principal, spec: JobSpec) -> 
         raise ValidationFailed(
             f"job {init.job_id} is {source.status.value}; init_from needs a succeeded job",
             code="init_from_not_ready", field="init_from.job_id")
-    source_spec = JobSpec.model_validate(source.spec)
+    try:
+        source_spec = JobSpec.model_validate(source.spec)
+    except ValidationError:
+        raise ValidationFailed(f"job {init.job_id}'s spec can no longer be read; init_from "
+                               "cannot use it", field="init_from.job_id") from None
     if source_spec.task != "lm":
         raise ValidationFailed(
             f"job {init.job_id} is a {source_spec.task} job; init_from needs a language model",
@@ -130,4 +135,8 @@ def resolve_init_from(session: Session, principal: Principal, spec: JobSpec) -> 
             code="init_from_mismatch", field="tokenizer")
     data["tokenizer"] = theirs_tok
     data["init_from"] = {"job_id": source.id, "checkpoint": ckpt.id}
-    return JobSpec.model_validate(data)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:  # the checkpoint's sizes do not fit the rest of the spec
+        raise ValidationFailed(f"the spec with init_from's sizes is not valid: "
+                               f"{exc.errors()[0]['msg']}", field="init_from.job_id") from None
