@@ -378,6 +378,23 @@ def test_jsonl_and_csv_labelled_datasets_normalise_text_and_labels(
     assert ds["labels"] == {"neg": 1, "pos": 1}
 
 
+def test_an_uploaded_labelled_dataset_takes_a_classification_job_and_is_then_in_use(
+    client: TestClient,
+) -> None:
+    rows = "".join(f"{'good' if i % 2 else 'bad'} film number {i}\t{i % 2}\n" for i in range(60))
+    ds = created(client, ("train.tsv", rows.encode()), format="tsv", columns="text,label",
+                 label_field="label")
+    spec = {**small_spec(ds["id"]), "task": "classify", "test_fraction": 0.2}
+    job = client.post("/v1/jobs", json=spec)
+    assert job.status_code == 201, job.text
+    err = error(client.delete(f"/v1/datasets/{ds['id']}"), 409)
+    assert err["details"] == [{"job_ids": [job.json()["id"]], "other_jobs": 0}]
+    # A text dataset is refused for classification (app.classify, by the row's kind).
+    text = created(client, ("t.txt", CORPUS.encode()))
+    r = client.post("/v1/jobs", json={**spec, "dataset_id": text["id"]})
+    assert error(r)["code"] == "dataset_not_labelled"
+
+
 def test_a_column_with_too_many_labels_is_422(client: TestClient) -> None:
     data = "".join(f"text {i}\t{i}\n" for i in range(1001)).encode()
     err = error(post(client, ("t.tsv", data), format="tsv", columns="text,label",
