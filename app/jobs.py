@@ -87,6 +87,23 @@ def _source_stats(
     return TextStats(d.num_chars, d.num_lines, d.num_words, d.bytes)
 
 
+def _text_datasets_only(session: Session, principal: Principal, spec: JobSpec) -> None:
+    """422 ``dataset_not_text`` for a language-model job whose data is a labelled dataset (its
+    stored file is ``{"text", "label"}`` JSON Lines, not text: docs/datasets.md)."""
+    assert spec.dataset is not None
+    for field, source in (("dataset_id" if spec.dataset_id else "dataset.id", spec.dataset),
+                          ("validation.id", spec.validation), ("test.id", spec.test)):
+        if source is None or source.id is None:
+            continue
+        row = get_dataset(session, principal, source.id)  # exists: _source_stats checked it
+        if getattr(row, "kind", "text") == "labelled":
+            raise ValidationFailed(
+                f"dataset {source.id!r} is a labelled dataset ({row.num_examples} examples of "
+                "text and label); a language model trains on a text dataset: upload the texts "
+                "without label_field (e.g. format=jsonl&text_field=text), or use task "
+                "'classify'", code="dataset_not_text", field=field)
+
+
 def _check_corpus_size(spec: JobSpec, stats: dict[str, TextStats]) -> None:
     """422 ``corpus_too_small`` unless each split holds enough tokens (:mod:`core.splits`
     owns the arithmetic and the message). For ``bpe`` the counts are upper bounds (its
@@ -133,6 +150,7 @@ def validate_sources(session: Session, principal: Principal,
     if getattr(spec, "task", "lm") == "classify":
         classify.check_labelled_sources(session, principal, spec)  # examples, not tokens
     else:
+        _text_datasets_only(session, principal, spec)
         _check_corpus_size(spec, stats)
     return stats
 

@@ -395,6 +395,14 @@ def test_an_uploaded_labelled_dataset_takes_a_classification_job_and_is_then_in_
     assert error(r)["code"] == "dataset_not_labelled"
 
 
+def test_a_language_model_job_on_a_labelled_dataset_is_422(client: TestClient) -> None:
+    ds = created(client, ("a.tsv", b"good film\t1\n" * 300), format="tsv",
+                 columns="text,label", label_field="label")
+    err = error(client.post("/v1/jobs", json=small_spec(ds["id"])))
+    assert (err["code"], err["field"]) == ("dataset_not_text", "dataset_id")
+    assert "label_field" in err["message"]
+
+
 def test_a_column_with_too_many_labels_is_422(client: TestClient) -> None:
     data = "".join(f"text {i}\t{i}\n" for i in range(1001)).encode()
     err = error(post(client, ("t.tsv", data), format="tsv", columns="text,label",
