@@ -29,15 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lmforge  # noqa: E402
-from core.contract import CorpusTexts  # noqa: E402
-from core.spec import JobSpec  # noqa: E402
-from tests.engine.conftest import RecordingHooks  # noqa: E402
-from worker.engine.calibrate import calibrate  # noqa: E402
-from worker.engine.checkpoint import build_model_from_checkpoint, load_checkpoint  # noqa: E402
-from worker.engine.export import to_onnx, to_safetensors  # noqa: E402
-from worker.engine.sample import sample  # noqa: E402
-from worker.engine.trainer import train  # noqa: E402
+import lmforge
+from core.contract import CorpusTexts
+from core.spec import JobSpec
+from tests.engine.conftest import RecordingHooks
+from worker.engine.calibrate import calibrate
+from worker.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from worker.engine.export import to_onnx, to_safetensors
+from worker.engine.sample import sample
+from worker.engine.trainer import train
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt"
 
