@@ -629,3 +629,16 @@ def test_sample_lines_of_a_large_blob_are_whole_lines() -> None:
     assert sum(len(x) for x in lines) <= SAMPLE_WINDOWS * WINDOW_BYTES
     assert all(x.startswith("line number ") and x.endswith(" of the text\n") for x in lines)
     assert len(lines) > SAMPLE_WINDOWS * 100
+
+
+def test_word_counting_stops_adding_words_past_its_bound() -> None:
+    from core.datasetstats import TokenCounter, word_stats
+
+    counter = TokenCounter(max_distinct_words=3)
+    text = "a b c d\ne a f a\n"
+    for piece in (text[:8], text[8:]):  # the first piece's 4 words pass the bound of 3
+        counter.feed(piece)
+    stats = word_stats(text_stats(text), counter)
+    assert counter.truncated and stats["truncated"] is True
+    assert counter.words == {"a": 3, "b": 1, "c": 1, "d": 1}  # e and f were not added
+    assert stats["tokens"] == 8 + 2 and stats["vocab"] == 2 + 4
