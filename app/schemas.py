@@ -148,6 +148,21 @@ class MetricList(BaseModel):
     has_more: bool
 
 
+class SampleStepOut(BaseModel):
+    """The sample responses a job stored at one step (a PPO job's rollouts at an evaluation
+    interval): each ``{"prompt", "response", "reward", ...}``; texts longer than 2,000
+    characters are cut (``truncated: true``)."""
+
+    step: int
+    created_at: datetime
+    samples: list[dict[str, Any]]
+
+
+class SampleList(BaseModel):
+    data: list[SampleStepOut]  # by step
+    has_more: bool  # more steps follow: ask again with ?after_step=<the last step here>
+
+
 class CheckpointOut(_FromRow):
     id: str
     job_id: str

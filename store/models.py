@@ -257,3 +257,20 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_checkpoints_job_id_kind_step", "job_id", "kind", "step"),)
+
+
+class JobSample(Base):
+    """Sample responses a job stored at one step (migration 0006): ``values`` is a JSON list
+    of objects, each with at least ``prompt``, ``response`` and ``reward`` (a PPO job's
+    rollouts at an evaluation interval). Keyed by (job, step) and upserted
+    (:func:`store.samples.record_samples`): a resumed run that replays an evaluation replaces
+    its row, never duplicates it."""
+
+    __tablename__ = "job_samples"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(primary_key=True)
+    values: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 
 from app.auth import current_principal
 from app.http_errors import ErrorBody
-from app.routes import datasets, export, health, inference, jobs, keys
+from app.routes import datasets, export, health, inference, jobs, keys, samples
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "no API key, or an invalid or revoked one "
@@ -22,6 +22,7 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 api_router = APIRouter(dependencies=[Depends(current_principal)], responses=_AUTH_RESPONSES)
 api_router.include_router(datasets.router)
 api_router.include_router(jobs.router)
+api_router.include_router(samples.router)
 api_router.include_router(inference.router)
 api_router.include_router(export.router)
 api_router.include_router(keys.router)
