@@ -274,6 +274,154 @@ class ClassifySpec(_Strict):
         return self
 
 
+class PromptsFromCorpus(_Strict):
+    """Random windows of ``prompt_tokens`` tokens of the ``init_from`` job's training text."""
+
+    prompt_tokens: int = Field(default=16, ge=1, le=4096)
+
+
+class PromptsSpec(_Strict):
+    """Where a PPO job's prompts (queries) come from: exactly one of ``dataset_id`` (an
+    uploaded text dataset, one prompt per non-empty line), ``from_corpus`` (random windows of
+    the ``init_from`` job's training text) or ``empty: true`` (every response is generated
+    from the model's zero state with no prompt)."""
+
+    dataset_id: Text | None = None
+    from_corpus: PromptsFromCorpus | None = None
+    empty: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PromptsSpec:
+        given = [k for k in ("dataset_id", "from_corpus") if getattr(self, k) is not None]
+        if self.empty:
+            given.append("empty")
+        elif self.empty is not None:
+            raise ValueError("empty must be true when given (omit it otherwise)")
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'dataset_id', 'from_corpus' or 'empty': true")
+        return self
+
+
+class CharFractionReward(_Strict):
+    """The fraction of response tokens equal to the token ``target`` (its text: a character
+    for a char tokenizer, a word for a word tokenizer); in [0, 1]."""
+
+    kind: Literal["char_fraction"]
+    target: Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
+
+
+class KeywordsReward(_Strict):
+    """The fraction of the response's characters covered by matches of ``words``
+    (case-insensitive; whole words when ``whole_words``); in [0, 1]."""
+
+    kind: Literal["keywords"]
+    words: list[Annotated[str, Field(min_length=1, max_length=100),
+                          AfterValidator(check_text)]] = Field(min_length=1, max_length=100)
+    whole_words: bool = True
+
+
+class LengthReward(_Strict):
+    """``1 - |L - target| / max(target, T - target)`` where ``L`` is the number of response
+    tokens before the first line end (``T`` = response_length when there is none); in [0, 1],
+    1 at ``L == target``."""
+
+    kind: Literal["length"]
+    target: int = Field(ge=0, le=4096)
+
+
+class LMLoglikReward(_Strict):
+    """Fluency: the mean log-probability (nats per token, <= 0) of the response's text, after
+    its prompt, under another language-model job's checkpoint (its own tokenizer)."""
+
+    kind: Literal["lm_loglik"]
+    job_id: Text
+    checkpoint: Text = "best"
+
+
+class ClassifierReward(_Strict):
+    """The probability (in [0, 1]) of ``label`` under a classification job's checkpoint,
+    applied to the response's text (``include_prompt``: the prompt's text and the response)."""
+
+    kind: Literal["classifier"]
+    job_id: Text
+    checkpoint: Text = "best"
+    label: Label
+    include_prompt: bool = False
+
+
+RewardSpec = Annotated[
+    CharFractionReward | KeywordsReward | LengthReward | LMLoglikReward | ClassifierReward,
+    Field(discriminator="kind"),
+]
+
+
+class PPOSpec(_Strict):
+    """The settings of a ``task: "ppo"`` job (docs/ppo.md): fine-tune the ``init_from``
+    language model (the policy) to maximise ``reward`` minus ``kl_coef`` times its KL
+    divergence (nats) from the frozen starting model (the reference).
+
+    Defaults and their sources. Z = Ziegler et al. 2019, "Fine-Tuning Language Models from
+    Human Preferences", code ``openai/lm-human-preferences`` (``train_policy.py``
+    ``PpoHParams``/``RewardHParams``, ``launch.py``); TRL = Hugging Face TRL's PPO trainer
+    (``PPOConfig``):
+
+    - ``response_length`` 24 tokens: Z's stylistic tasks (``launch.py``,
+      ``task.response_length``).
+    - ``rollout_batch_size`` 64 responses per iteration: Z (``ppo.batch_size = 64``).
+    - ``ppo_epochs`` 4: Z (``noptepochs``) and TRL (``ppo_epochs``/``num_ppo_epochs``).
+    - ``num_minibatches`` 1: Z (``nminibatches``) and TRL v2 (``num_mini_batches``).
+    - ``clip_range`` 0.2 and ``value_clip`` 0.2: Z (``cliprange``, ``cliprange_value``) and
+      TRL (``cliprange``, ``cliprange_value``).
+    - ``vf_coef`` 0.1: Z and TRL.
+    - ``gamma`` 1.0 and ``lam`` 0.95 (GAE, Schulman et al. 2016): Z and TRL.
+    - ``kl_coef`` 0.2: Z (``rewards.kl_coef``) and TRL v0 (``init_kl_coef``).
+    - ``target_kl`` None (a fixed coefficient): Z's default (``adaptive_kl = None``); a
+      number turns on Z's adaptive controller (TRL v0's ``adap_kl_ctrl`` with
+      ``target = 6``) with ``kl_horizon`` 10,000 responses (Z and TRL ``horizon``).
+    - ``whiten_rewards`` False: TRL (Z's default is True: per-token rewards divided by their
+      standard deviation over the batch, the mean not shifted).
+    - ``temperature`` 1.0: Z's ``PolicyHParams`` default (its ``launch.py`` and TRL v2
+      sample at 0.7); both the policy's and the reference's log-probabilities are taken at
+      this temperature, as in Z and TRL v2.
+    - ``lr`` None: ``optimizer.lr`` (1e-3 by default). Z (5e-6) and TRL (1.41e-5) tuned
+      theirs for GPT-2 transformers; the small LSTMs here need about 1e-3 (docs/ppo.md).
+      The optimizer's other settings (``optimizer``), ``schedule`` and
+      ``training.grad_clip`` apply as for language-model jobs.
+    - ``algorithm``: ``ppo``, or ``reinforce`` (REINFORCE with the value head as a baseline:
+      one gradient step per rollout batch on ``-(G_t - V_t) log pi``, the same rollouts,
+      rewards and KL penalty; for comparison, docs/benchmarks.md).
+    """
+
+    prompts: PromptsSpec = PromptsSpec(empty=True)
+    reward: RewardSpec
+    response_length: int = Field(default=24, ge=1, le=4096)
+    rollout_batch_size: int = Field(default=64, ge=1, le=4096)
+    ppo_epochs: int = Field(default=4, ge=1, le=100)
+    num_minibatches: int = Field(default=1, ge=1, le=4096)
+    clip_range: float = Field(default=0.2, gt=0.0, le=10.0)
+    value_clip: float | None = Field(default=0.2, gt=0.0)
+    vf_coef: float = Field(default=0.1, ge=0.0, le=1000.0)
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    kl_coef: float = Field(default=0.2, ge=0.0, le=1000.0)
+    target_kl: float | None = Field(default=None, gt=0.0)
+    kl_horizon: int = Field(default=10_000, ge=1)
+    whiten_rewards: bool = False
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    lr: float | None = Field(default=None, ge=0.0, le=100.0)
+    algorithm: Literal["ppo", "reinforce"] = "ppo"
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PPOSpec:
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a "
+                             f"multiple of num_minibatches ({self.num_minibatches})")
+        if self.reward.kind == "length" and self.reward.target > self.response_length:
+            raise ValueError(f"reward.target ({self.reward.target}) must be at most "
+                             f"response_length ({self.response_length})")
+        return self
+
+
 class JobSpec(_Strict):
     """A training job. The data is ``dataset_id`` (an uploaded dataset) or ``dataset``
     (``{"id"}``, ``{"builtin": "python-docs"}`` or, for ``lmforge train`` only, ``{"path"}``);
@@ -294,20 +442,19 @@ class JobSpec(_Strict):
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     # "lm": a language model (the default). "classify": a text classifier on a labelled
     # dataset (``classify`` settings, optional ``init_from``; docs/classification.md).
-    task: Literal["lm", "classify"] = "lm"
+    task: Literal["lm", "classify", "ppo"] = "lm"
     init_from: InitFrom | None = None
     classify: ClassifySpec | None = None
+    # "ppo": fine-tune the init_from language model with a reward (docs/ppo.md).
+    ppo: PPOSpec | None = None
 
     @model_validator(mode="after")
     def _task_fields(self) -> JobSpec:
         # Messages start with the field's name so that the API's 422 names it.
+        if self.task == "ppo":
+            return self  # _ppo_fields
         if self.task == "lm":
-            if self.classify is not None:
-                raise ValueError("classify settings apply only to task 'classify'")
-            if self.init_from is not None:
-                raise ValueError("init_from applies only to task 'classify' (a classifier's "
-                                 "encoder initialised from a language model)")
-            return self
+            return self._lm_fields()
         if self.classify is None:
             self.classify = ClassifySpec()
         for name in ("dataset", "validation", "test"):
@@ -326,8 +473,49 @@ class JobSpec(_Strict):
                              "embedding: give one of them")
         return self
 
+    def _lm_fields(self) -> JobSpec:
+        if self.classify is not None:
+            raise ValueError("classify settings apply only to task 'classify'")
+        if self.init_from is not None:
+            raise ValueError("init_from applies only to tasks 'classify' and 'ppo' (a "
+                             "classifier's encoder or a policy initialised from a "
+                             "language model)")
+        return self
+
+    @model_validator(mode="after")
+    def _ppo_fields(self) -> JobSpec:
+        if self.task != "ppo":
+            if self.ppo is not None:
+                raise ValueError("ppo settings apply only to task 'ppo'")
+            return self
+        if self.classify is not None:
+            raise ValueError("classify settings apply only to task 'classify'")
+        if self.init_from is None:
+            raise ValueError("init_from is required for task 'ppo' (the language-model job "
+                             "whose checkpoint is the policy's start and the reference)")
+        if self.ppo is None:
+            raise ValueError("ppo settings are required for task 'ppo' (at least 'reward')")
+        for name in ("max_epochs", "max_tokens", "early_stopping"):
+            if getattr(self.training, name) is not None:
+                raise ValueError(f"training has {name} set, which does not apply to task "
+                                 f"'ppo' (training.max_steps counts PPO iterations)")
+        if self.model.pretrained_embeddings is not None:
+            raise ValueError("model.pretrained_embeddings does not apply to task 'ppo' (the "
+                             "policy is the init_from checkpoint)")
+        if self.training.precision != "fp32":
+            raise ValueError("training.precision must be 'fp32' for task 'ppo' (the policy's "
+                             "log-probabilities are recomputed exactly as sampled)")
+        return self
+
     @model_validator(mode="after")
     def _normalise_dataset(self) -> JobSpec:
+        if self.task == "ppo":
+            # The data of a PPO job is its prompts (ppo.prompts); a dataset is not read.
+            for name in ("dataset_id", "dataset", "validation", "test"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to task 'ppo' (give the prompts "
+                                     f"as ppo.prompts)")
+            return self
         # Both may be present when they agree: a spec dumped by the service (defaults filled in)
         # must validate again unchanged.
         if (
