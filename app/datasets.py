@@ -134,8 +134,8 @@ ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 def dataset_ids_of(spec: dict[str, Any]) -> set[str]:
     """The uploaded datasets a stored job spec reads: ``dataset``/``dataset_id``,
-    ``validation``, ``test`` (a classification job's labelled data too) and
-    ``model.pretrained_embeddings.dataset_id``."""
+    ``validation``, ``test`` (a classification job's labelled data too),
+    ``model.pretrained_embeddings.dataset_id`` and ``ppo.prompts.dataset_id``."""
     ids: set[str] = set()
     if isinstance(spec.get("dataset_id"), str):
         ids.add(spec["dataset_id"])
@@ -147,6 +147,10 @@ def dataset_ids_of(spec: dict[str, Any]) -> set[str]:
     emb = model.get("pretrained_embeddings") if isinstance(model, dict) else None
     if isinstance(emb, dict) and isinstance(emb.get("dataset_id"), str):
         ids.add(emb["dataset_id"])
+    ppo = spec.get("ppo")  # a PPO job's prompts (app.ppo)
+    prompts = ppo.get("prompts") if isinstance(ppo, dict) else None
+    if isinstance(prompts, dict) and isinstance(prompts.get("dataset_id"), str):
+        ids.add(prompts["dataset_id"])
     return ids
 
 

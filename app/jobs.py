@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app import classify, quotas
+from app import classify, ppo, quotas
 from app.auth import Principal, owner_filter
 from app.datasets import dataset_ids_of, get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
@@ -160,7 +160,9 @@ def check_job(session: Session, principal: Principal, spec: JobSpec,
     """The submission's checks but the quotas (:func:`validate_sources`, ``init_from``, and
     with ``settings`` the job's size, :func:`app.quotas.check_job_size`): the spec as it would
     be stored and its datasets' statistics. Used by :func:`create_job` and the dry run
-    (:mod:`app.estimate`)."""
+    (:mod:`app.estimate`). A PPO job: :func:`app.ppo.check_ppo_job`."""
+    if getattr(spec, "task", "lm") == "ppo":
+        return ppo.check_ppo_job(session, principal, spec, settings)
     stats = validate_sources(session, principal, spec)
     spec = classify.resolve_init_from(session, principal, spec)
     if settings is not None:

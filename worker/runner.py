@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -156,6 +156,7 @@ class DatabaseHooks:
         self.cancel_requested = False
         self.lost = False
         self.unsent: list[StepMetrics] = []
+        self.unsent_samples: dict[int, list[dict[str, Any]]] = {}  # step -> samples (PPO)
         self.failed_flushes = 0  # metric flushes that found the database unavailable
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
@@ -187,10 +188,44 @@ class DatabaseHooks:
         self.cancel_requested = self.cancel_requested or cancel
 
     def drain(self) -> None:
-        """Send the unsent metric rows, retrying (``retry``). Raises
+        """Send the unsent metric rows (and samples), retrying (``retry``). Raises
         :class:`DatabaseUnavailable`."""
         if self.unsent and not self.lost:
             self.retry.call(f"job {self.job_id}: metrics", self._send_metrics)
+        if self.unsent_samples and not self.lost:
+            self.retry.call(f"job {self.job_id}: samples", self._send_samples)
+
+    def on_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> None:
+        """Store sample responses (a PPO job's, at an evaluation: ``{"prompt", "response",
+        "reward", ...}``) as the job's samples at ``step`` (:func:`store.samples.
+        record_samples`: a step stored again is replaced). When the database is unavailable
+        they wait, like metric rows, for the next flush."""
+        if self.lost:
+            return
+        self.unsent_samples[step] = [dict(x) for x in samples]
+        try:
+            self._send_samples()
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            log.warning("job %s: samples of step %d kept for the next flush, the database is "
+                        "unavailable (%s)", self.job_id, step, _first_line(exc))
+
+    def _send_samples(self) -> None:
+        if self.lost or not self.unsent_samples:
+            return
+        from store.samples import record_samples
+
+        try:
+            with session_scope(self._factory) as s:
+                cancel = False
+                for step, rows in sorted(self.unsent_samples.items()):
+                    cancel = record_samples(s, self.job_id, self.attempt, step, rows) or cancel
+        except JobLost:
+            self._mark_lost()
+            return
+        self.unsent_samples = {}
+        self.cancel_requested = self.cancel_requested or cancel
 
     def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
         if self.lost:
@@ -512,7 +547,12 @@ def _run_engine(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory,
                 storage: Storage, settings: Settings, retry: DbRetry,
                 resume_from: bytes | None) -> dict[str, Any]:
     """Open the job's data and train (a language model, or a text classifier for
-    ``task: "classify"``: :mod:`worker.classify_job`); the result as stored."""
+    ``task: "classify"``: :mod:`worker.classify_job`; PPO fine-tuning for ``task: "ppo"``:
+    :mod:`worker.ppo_job`); the result as stored."""
+    if spec.task == "ppo":
+        from worker.ppo_job import train_ppo_job  # torch: in the pool child
+
+        return train_ppo_job(spec, hooks, factory, storage, retry, resume_from).as_dict()
     if spec.task == "classify":
         from worker.classify_job import train_classify_job  # torch: in the pool child
 
