@@ -17,6 +17,7 @@ from app.http_errors import install_error_handlers, install_openapi_errors
 from app.middleware import RequestIdMiddleware, SettingsCORSMiddleware, install_log_request_ids
 from app.quotas import enforce_rate_limit, install_limits
 from app.routes import api_router, health_router
+from app.routes.dashboard import install_dashboard
 from core.spec import JobSpec
 from store.db import make_engine, make_session_factory, upgrade_database
 from store.queue import CeleryEnqueuer, Enqueuer, make_celery
@@ -55,6 +56,9 @@ def create_app(
         summary="Train LSTM language models over HTTP.",
         version="0.1.0",
         lifespan=lifespan,
+        # The docs pages are served from vendored files by install_dashboard (no CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app, body_model=JobSpec)
     install_limits(app)  # body size limit (413), rate limit's 429 handler: app.quotas
@@ -65,6 +69,7 @@ def create_app(
     install_log_request_ids()
     app.include_router(api_router, prefix="/v1", dependencies=[Depends(enforce_rate_limit)])
     app.include_router(health_router)
+    install_dashboard(app)  # the web dashboard at /, /static, offline /docs and /redoc
     return app
 
 
