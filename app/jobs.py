@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import classify, ppo, quotas
@@ -57,12 +57,18 @@ def get_job(session: Session, principal: Principal, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session, principal: Principal, limit: int, after: str | None
+    session: Session, principal: Principal, limit: int, after: str | None,
+    status: JobStatus | None = None,
 ) -> tuple[list[Job], bool]:
     """The jobs ``principal`` may see, newest first; ``after`` is the id of the last job of
     the previous page (a keyset cursor over ``(created_at, id)``, stable while new jobs
-    arrive)."""
-    return newest_first_page(session, Job, limit, after, where=owner_filter(principal, Job))
+    arrive). ``status``: only jobs in that status; the cursor's job is found whatever its
+    status now (it may have finished since the previous page), and is never listed again."""
+    where = owner_filter(principal, Job)
+    if status is not None:
+        wanted = Job.status == status
+        where = and_(where, or_(wanted, Job.id == after) if after is not None else wanted)
+    return newest_first_page(session, Job, limit, after, where=where)
 
 
 # -- creation ---------------------------------------------------------------------------------

@@ -56,6 +56,13 @@ class Progress(BaseModel):
     step: int = 0
     total_steps: int = 0
     tokens_seen: int = 0
+    # Issue 13 (app.metricseries): a running job's estimated seconds until its budget is
+    # spent, from its recent steps/s (tokens/s, epochs/s) and the remaining max_steps
+    # (max_tokens, max_epochs, max_runtime_s), counted from its newest metric row; null when
+    # not running or not measurable yet. A queued job's place in the queue (1: next); null
+    # unless queued.
+    eta_s: float | None = None
+    queue_position: int | None = None
 
 
 class JobError(BaseModel):
@@ -143,9 +150,20 @@ def metric_out(row: Metric) -> BaseModel:
     return MetricOut.model_validate({"step": row.step, **row.values})
 
 
+class MetricDownsample(BaseModel):
+    """How ``?resolution=N`` chose the rows (app.metricseries: min/max per bucket)."""
+
+    method: Literal["minmax"] = "minmax"
+    metric: str  # the metric whose min and max per bucket were kept
+    resolution: int  # N: at most this many rows
+    buckets: int  # (N - 2) // 2 buckets of equal step width; 0: every row fitted
+    total: int  # the job's rows past after_step, with or without the metric
+
+
 class MetricList(BaseModel):
     data: list[MetricOut]  # type: ignore[valid-type]
     has_more: bool
+    downsample: MetricDownsample | None = None  # set with ?resolution=
 
 
 class SampleStepOut(BaseModel):

@@ -8,12 +8,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app import idempotency, jobs
+from app import idempotency, jobs, metricseries
 from app.auth import Principal, PrincipalDep
 from app.deps import EnqueuerDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StorageDep
 from app.estimate import JobEstimate, estimate_job
@@ -28,11 +28,12 @@ from app.schemas import (
     JobList,
     JobOut,
     JobResultOut,
+    MetricDownsample,
     MetricList,
     metric_out,
 )
 from core.spec import JobSpec
-from store.models import Job
+from store.models import Job, JobStatus
 from store.queue import Enqueuer
 from store.sweep import release_enqueue
 
@@ -106,7 +107,7 @@ def create_job(
         # A concurrent request with the same key committed first: return its job.
         winner = idempotency.winner(session, scope, idempotency_key, digest, ttl)
         return _replayed(session, principal, response, winner)
-    out = JobOut.model_validate(job)
+    out = _out(session, job)  # with its queue_position
     assert job.enqueued_at is not None
     if not _enqueue(session, enqueuer, job.id, job.enqueued_at):
         out = out.model_copy(update={"enqueued_at": None})
@@ -154,13 +155,17 @@ def _out(session: Session, job: Job) -> JobOut:
 
 
 def _outs(session: Session, rows: list[Job]) -> list[JobOut]:
-    """Jobs as the API returns them, each with its ``attempt_history`` (one query)."""
+    """Jobs as the API returns them, each with its ``attempt_history`` (one query) and its
+    progress's ``eta_s``/``queue_position`` (:func:`app.metricseries.progress_extras`)."""
     history = jobs.attempt_histories(session, [r.id for r in rows])
-    return [
-        JobOut.model_validate(r).model_copy(update={
-            "attempt_history": [AttemptOut.model_validate(a) for a in history[r.id]]})
-        for r in rows
-    ]
+    extras = metricseries.progress_extras(session, rows)
+    outs = []
+    for r in rows:
+        out = JobOut.model_validate(r)
+        outs.append(out.model_copy(update={
+            "attempt_history": [AttemptOut.model_validate(a) for a in history[r.id]],
+            "progress": out.progress.model_copy(update=extras[r.id])}))
+    return outs
 
 
 @router.get("", response_model=JobList)
@@ -169,8 +174,11 @@ def list_jobs(
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     after: AfterQuery = None,
+    status: Annotated[JobStatus | None, Query(
+        description="only jobs in this status (the cursor stays valid when its job has "
+                    "changed status since)")] = None,
 ) -> JobList:
-    rows, has_more = jobs.list_jobs(session, principal, limit, after)
+    rows, has_more = jobs.list_jobs(session, principal, limit, after, status=status)
     return JobList(
         data=_outs(session, rows),
         has_more=has_more,
@@ -201,9 +209,47 @@ def list_metrics(
     principal: PrincipalDep,
     after_step: AfterStepQuery = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    resolution: Annotated[int | None, Query(
+        ge=metricseries.MIN_RESOLUTION, le=metricseries.MAX_RESOLUTION,
+        description="at most this many rows (past after_step; limit is then ignored), "
+                    "chosen to keep the curve's shape: min/max of `metric` per bucket "
+                    "(app.metricseries); has_more is false")] = None,
+    metric: Annotated[str | None, Query(
+        pattern=metricseries.METRIC_PATTERN,
+        description="with resolution: the metric whose curve is kept (default train_loss; "
+                    "reward_mean for a ppo job); rows without a number for it are left "
+                    "out, so val_loss gives the validation curve")] = None,
 ) -> MetricList:
-    rows, has_more = jobs.list_metrics(session, principal, job_id, after_step, limit)
-    return MetricList(data=[metric_out(r) for r in rows], has_more=has_more)
+    """The job's metric rows in step order, a page of ``limit`` after ``after_step``; or with
+    ``resolution`` at most that many rows of the whole curve (see ``downsample``)."""
+    if resolution is None:
+        rows, has_more = jobs.list_metrics(session, principal, job_id, after_step, limit)
+        return MetricList(data=[metric_out(r) for r in rows], has_more=has_more)
+    job = jobs.get_job(session, principal, job_id)
+    name = metric or ("reward_mean" if job.spec.get("task") == "ppo" else "train_loss")
+    picked = metricseries.downsample(session, job_id, resolution, name, after_step)
+    return MetricList(
+        data=[metric_out(r) for r in picked.rows], has_more=False,
+        downsample=MetricDownsample(metric=name, resolution=resolution,
+                                    buckets=picked.buckets, total=picked.total))
+
+
+@router.get("/{job_id}/metrics.csv", response_class=StreamingResponse,
+            responses={200: {"content": {"text/csv": {}},
+                             "description": "every metric row, in step order"}})
+def metrics_csv(
+    job_id: JobIdPath, request: Request, session: SessionDep, principal: PrincipalDep
+) -> StreamingResponse:
+    """Every metric row of the job as CSV, streamed in step order: a header row (``step``,
+    then every metric name: the language model's in ``core.contract.StepMetrics`` order,
+    then any other sorted), one line per step, an empty cell where a row has no value,
+    floats written to read back exactly, a nested value as JSON."""
+    jobs.get_job(session, principal, job_id)
+    return StreamingResponse(
+        metricseries.csv_rows(request.app.state.session_factory, job_id),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-metrics.csv"',
+                 "Cache-Control": "no-cache"})
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)

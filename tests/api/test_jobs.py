@@ -32,7 +32,8 @@ def test_create_job_is_201_with_location_defaults_filled_and_enqueued_after_comm
     assert job["spec"]["training"]["batch_size"] == 32
     assert job["spec"]["model"]["hidden_dim"] == 256
     assert job["spec"]["dataset"] == {"id": dataset_id, "builtin": None, "path": None}
-    assert job["progress"] == {"step": 0, "total_steps": 1000, "tokens_seen": 0}
+    assert job["progress"] == {"step": 0, "total_steps": 1000, "tokens_seen": 0,
+                               "eta_s": None, "queue_position": 1}
     assert job["error"] is None and job["started_at"] is None
     assert enqueuer.sent == [job["id"]]
     assert client.get(f"/v1/jobs/{job['id']}").json() == job

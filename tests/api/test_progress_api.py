@@ -53,7 +53,9 @@ def test_metrics_are_paged_in_step_order(
     rest = client.get(f"/v1/jobs/{running}/metrics", params={"after_step": 3}).json()
     assert [m["step"] for m in rest["data"]] == [4] and rest["has_more"] is False
     job = client.get(f"/v1/jobs/{running}").json()
-    assert job["progress"] == {"step": 4, "total_steps": 5, "tokens_seen": 144}
+    # eta_s: 1 step left at 10 steps/s (steps 1-4 over elapsed_s 0.1-0.4: app.metricseries)
+    assert job["progress"] == {"step": 4, "total_steps": 5, "tokens_seen": 144,
+                               "eta_s": 0.1, "queue_position": None}
     assert job["latest_metrics"]["step"] == 4
     assert (job["latest_metrics"]["val_step"], job["latest_metrics"]["val_loss"]) == (3, 2.5)
 
