@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import classify, ppo, quotas
+from app import classify, notify, ppo, quotas
 from app.auth import Principal, owner_filter
 from app.datasets import dataset_ids_of, get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
@@ -37,7 +37,7 @@ from store.models import (
     new_id,
     utcnow,
 )
-from store.settings import Settings
+from store.settings import Settings, get_settings
 from store.status import TERMINAL_STATES, transition
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def create_job(
     ``settings``: also apply the service's limits (:mod:`app.quotas`: the job's size, 422
     ``job_too_large``/``eval_too_large``; the principal's job quotas, 429 ``quota_exceeded``)."""
     spec, _ = check_job(session, principal, spec, settings)
+    notify.check_outbound_urls(spec, settings or get_settings())  # webhook, MLflow URLs
     if settings is not None:
         quotas.check_job_quota(session, principal, settings)
     now = utcnow()
@@ -203,6 +204,7 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    notify.add_delivery(session, job, spec)  # its webhook's row, when it has one
     _datasets_still_there(session, job)
     return job
 

@@ -27,6 +27,8 @@ from typing import Any
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from store.logs import JOB_ID, JOB_ID_IN_PATH
+
 HEADER = "X-Request-ID"
 # The scope key under which the request id travels (the 500 handler runs outside this
 # middleware, in Starlette's ServerErrorMiddleware, and reads it from there).
@@ -82,9 +84,13 @@ class RequestIdMiddleware:
             await send(message)
 
         token = REQUEST_ID.set(rid)
+        # A request about one job: its log records carry the job id too (store.logs).
+        named = JOB_ID_IN_PATH.search(scope.get("path", ""))
+        job_token = JOB_ID.set(named.group(1) if named else None)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            JOB_ID.reset(job_token)
             REQUEST_ID.reset(token)
 
 

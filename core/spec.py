@@ -228,6 +228,53 @@ class TrainingSpec(_Strict):
     log_interval: int = Field(default=10, ge=1, le=10_000)
 
 
+def check_outbound_url(value: str) -> str:
+    """``value`` unchanged when it is an acceptable outbound URL by its form
+    (:func:`core.outbound.syntax_problem`: http(s), a host, no user-info); raises
+    ``ValueError`` otherwise. Whether its host may be private is the deployment's to say, at
+    submission (``LMFORGE_WEBHOOK_ALLOW_PRIVATE``; docs/security.md)."""
+    from core.outbound import syntax_problem
+
+    problem = syntax_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+OutboundUrl = Annotated[str, Field(min_length=1, max_length=2000),
+                        AfterValidator(check_outbound_url)]
+
+
+class NotifySpec(_Strict):
+    """A webhook: ``url`` receives a signed ``POST`` with the job (as ``GET /v1/jobs/{id}``
+    gives it) when the job reaches a terminal status (succeeded, failed, cancelled); retried
+    with exponential backoff (docs/operations.md, "Webhooks")."""
+
+    url: OutboundUrl
+
+
+class TensorBoardIntegration(_Strict):
+    """The worker also writes TensorBoard event files (scalars per step), downloadable as
+    ``GET /v1/jobs/{id}/tensorboard.tar.gz``."""
+
+    kind: Literal["tensorboard"]
+
+
+class MlflowIntegration(_Strict):
+    """The worker logs the job's params, metrics per step and best checkpoint to the MLflow
+    tracking server at ``tracking_uri``, in ``experiment_name`` (default ``lmforge``) as a run
+    named ``run_name`` (default: the job's name, else its id)."""
+
+    kind: Literal["mlflow"]
+    tracking_uri: OutboundUrl
+    experiment_name: Name | None = None
+    run_name: Name | None = None
+
+
+Integration = Annotated[TensorBoardIntegration | MlflowIntegration,
+                        Field(discriminator="kind")]
+
+
 # A class label of a labelled dataset: a non-empty text of at most 200 characters.
 Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_text)]
 
@@ -447,6 +494,17 @@ class JobSpec(_Strict):
     classify: ClassifySpec | None = None
     # "ppo": fine-tune the init_from language model with a reward (docs/ppo.md).
     ppo: PPOSpec | None = None
+    # Operations (docs/operations.md): a webhook called at the terminal status, and the
+    # TensorBoard / MLflow integrations (at most one of each kind). Neither changes training.
+    notify: NotifySpec | None = None
+    integrations: list[Integration] = Field(default_factory=list, max_length=2)
+
+    @model_validator(mode="after")
+    def _one_integration_per_kind(self) -> JobSpec:
+        kinds = [i.kind for i in self.integrations]
+        if len(kinds) != len(set(kinds)):
+            raise ValueError("integrations may name each kind at most once")
+        return self
 
     @model_validator(mode="after")
     def _task_fields(self) -> JobSpec:

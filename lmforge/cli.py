@@ -12,6 +12,12 @@
                                             train without any service
     lmforge sample CHECKPOINT --prompt P    sample text from a checkpoint file
 
+A running service's users (lmforge.remote, over lmforge.client; --url, --api-key, --json):
+
+    lmforge datasets upload FILE... | datasets list
+    lmforge submit SPEC.json|SPEC.yaml [--follow]    lmforge jobs [--status S]
+    lmforge status JOB | follow JOB | cancel JOB | download JOB [--checkpoint C] [-o PATH]
+
 Each subcommand imports only what it needs: ``up`` and ``api`` never import torch, and
 ``worker`` leaves torch to the task inside the forked pool process (docs/operations.md).
 """
@@ -19,7 +25,6 @@ Each subcommand imports only what it needs: ``up`` and ``api`` never import torc
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -35,8 +40,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from app.auth import check_bind
+    from store.logs import log_format
     from store.settings import get_settings
 
     check_bind(get_settings().auth, args.host)
@@ -47,6 +54,9 @@ def _cmd_api(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         # A supervisor or a load balancer stops us; do not wait long for keep-alive clients.
         timeout_graceful_shutdown=10,
+        # JSON logs: uvicorn's loggers propagate to the root's JSON handler instead of their
+        # own text handlers (store.logs).
+        log_config=None if log_format() == "json" else LOGGING_CONFIG,
     )
     return 0
 
@@ -309,16 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_cmd_sample)
+
+    # The service's users: datasets upload, submit, jobs, status, follow, cancel, download.
+    from lmforge.remote import add_commands
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # LMFORGE_LOG_FORMAT=json|text (store.logs: every line carries the job and request ids).
+    from store.logs import configure_logging
+
+    configure_logging()
     return int(args.func(args) or 0)
 
 

@@ -274,3 +274,36 @@ class JobSample(Base):
     step: Mapped[int] = mapped_column(primary_key=True)
     values: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """A job's webhook (``spec.notify``, migration 0007), and the log of its delivery.
+
+    Made with the job, ``state`` ``waiting``; when the job has reached a terminal status the
+    API's delivery thread (:mod:`app.webhooks`) sets ``event`` (``job.succeeded``,
+    ``job.failed``, ``job.cancelled``) and ``pending``, then tries it: ``delivered`` on a 2xx
+    answer, ``pending`` again with ``next_attempt_at`` after a failed try (exponential
+    backoff), ``failed`` after the last try or when the URL is refused at delivery time.
+    ``next_attempt_at`` is also a try's lease: the thread that claims a try moves it past the
+    try's timeout with a compare-and-set, so two API processes never send one try twice."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    state: Mapped[str] = mapped_column(String(16), default="waiting")
+    event: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # The delivery thread: waiting rows (their jobs' status), due pending rows.
+        Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job_id", "job_id"),
+    )

@@ -54,6 +54,30 @@ class Settings(BaseSettings):
     # ("https://a.example,https://b.example", or "*"); empty (the default): CORS is off.
     cors_origins: str = Field(default="", alias="LMFORGE_CORS_ORIGINS")
 
+    # -- Operations: metrics, webhooks, integrations (docs/operations.md) --------------------
+    # A bearer token that may read GET /metrics (besides an admin API key); None: admin keys
+    # only (docs/security.md, "/metrics").
+    metrics_token: str | None = Field(default=None, alias="LMFORGE_METRICS_TOKEN")
+    # The HMAC-SHA256 key of webhook signatures (X-LMForge-Signature). None: webhooks are off
+    # (a job with notify is a 422) and the API runs no delivery thread.
+    webhook_secret: str | None = Field(default=None, alias="LMFORGE_WEBHOOK_SECRET")
+    # Allow webhook URLs on private, loopback, link-local addresses (tests, closed networks).
+    webhook_allow_private: bool = Field(default=False, alias="LMFORGE_WEBHOOK_ALLOW_PRIVATE")
+    # Tries per delivery; the first retry after webhook_retry_first_s, each wait doubling up
+    # to webhook_retry_max_s (seconds). One try's limit: webhook_timeout_s.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100,
+                                      alias="LMFORGE_WEBHOOK_MAX_ATTEMPTS")
+    webhook_retry_first_s: float = Field(default=10.0, gt=0,
+                                         alias="LMFORGE_WEBHOOK_RETRY_FIRST_S")
+    webhook_retry_max_s: float = Field(default=1800.0, gt=0, alias="LMFORGE_WEBHOOK_RETRY_MAX_S")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300,
+                                     alias="LMFORGE_WEBHOOK_TIMEOUT_S")
+    # How often each API process's delivery thread looks for due deliveries (seconds).
+    webhook_poll_s: float = Field(default=2.0, gt=0, alias="LMFORGE_WEBHOOK_POLL_S")
+    # MLflow tracking servers a job may name although they are private (comma-separated URL
+    # prefixes, e.g. "http://mlflow.internal:5000"); any other tracking_uri must be public.
+    mlflow_tracking_uris: str = Field(default="", alias="LMFORGE_MLFLOW_TRACKING_URIS")
+
     # Token files of prepared corpora (worker.engine.tokencache), shared by every worker on this
     # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
     token_cache_dir: Path | None = Field(default=None, alias="LMFORGE_TOKEN_CACHE_DIR")
@@ -108,6 +132,11 @@ class Settings(BaseSettings):
         """How often a running job renews its lease (and polls for a cancel): a sixth of the
         lease, so five heartbeats can be missed before the job is presumed lost."""
         return max(self.heartbeat_timeout_s / 6, 0.05)
+
+    @property
+    def mlflow_tracking_uri_list(self) -> list[str]:
+        """``LMFORGE_MLFLOW_TRACKING_URIS`` as a list (blank entries dropped)."""
+        return [u.strip() for u in self.mlflow_tracking_uris.split(",") if u.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -14,7 +14,7 @@ from store.db import downgrade_database, make_engine, upgrade_database
 from store.models import Base
 
 TABLES = {"alembic_version", "api_keys", "checkpoints", "datasets", "idempotency_keys",
-          "job_attempts", "job_samples", "jobs", "metrics"}
+          "job_attempts", "job_samples", "jobs", "metrics", "webhook_deliveries"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

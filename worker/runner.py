@@ -27,6 +27,7 @@ No torch at import: the engine is imported inside :func:`run_job`, i.e. in the p
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -68,6 +69,7 @@ from store.progress import (
 )
 from store.settings import Settings
 from store.storage import Storage
+from worker.integrations import MLFLOW_FINISH_S, Integrations
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +160,15 @@ class DatabaseHooks:
         self.unsent: list[StepMetrics] = []
         self.unsent_samples: dict[int, list[dict[str, Any]]] = {}  # step -> samples (PPO)
         self.failed_flushes = 0  # metric flushes that found the database unavailable
+        # The job's TensorBoard/MLflow integrations (worker.integrations), None without any.
+        self.integrations: Integrations | None = None
 
     def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
         if self.lost:
             return
         self.unsent.extend(rows)
+        if self.integrations is not None:
+            self.integrations.on_metrics(rows)  # never raises
         try:
             self._send_metrics()
         except Exception as exc:
@@ -249,6 +255,8 @@ class DatabaseHooks:
             self._storage.delete(key)
         log.info("job %s: %s checkpoint %s at step %d", self.job_id, stored.kind.value, row_id,
                  stored.step)
+        if self.integrations is not None:
+            self.integrations.on_checkpoint()  # TensorBoard files uploaded; never raises
 
     def _add_row(self, stored: StoredBlob) -> tuple[str, list[str]]:
         with session_scope(self._factory) as s:
@@ -280,8 +288,13 @@ class _Heartbeat(threading.Thread):
     def __init__(self, hooks: DatabaseHooks, interval_s: float) -> None:
         super().__init__(name=f"heartbeat-{hooks.job_id}", daemon=True)
         self._hooks, self._interval, self._done = hooks, interval_s, threading.Event()
+        self._context = contextvars.copy_context()
 
     def run(self) -> None:
+        # In the starting thread's context: its log records carry the job id (store.logs).
+        self._context.run(self._beat)
+
+    def _beat(self) -> None:
         while not self._done.wait(self._interval):
             try:
                 self._hooks.beat()
@@ -407,7 +420,10 @@ def run_job(
     log.info("job %s: attempt %d started on %s", job_id, attempt, worker)
     keep = int((spec_json.get("training") or {}).get("keep_checkpoints") or 3)
     hooks = DatabaseHooks(job_id, attempt, session_factory, storage, keep, shutdown, retry)
+    hooks.integrations = _start_integrations(spec_json, job_id, storage, settings,
+                                             session_factory)
     outcome = _train(spec_json, hooks, session_factory, storage, settings)
+    _end_integrations(hooks, outcome)
     if outcome.error is not None and "torch" in sys.modules:
         from worker.engine.trainer import release_memory
 
@@ -421,6 +437,35 @@ def run_job(
     if _interrupted(outcome, hooks) and _requeue(hooks, session_factory, outcome):
         return JobStatus.QUEUED
     return _finish(hooks, session_factory, outcome)
+
+
+def _start_integrations(spec_json: dict[str, Any], job_id: str, storage: Storage,
+                        settings: Settings, factory: SessionFactory) -> Integrations | None:
+    """The job's integrations (``spec.integrations``), None when it has none (or its spec
+    does not validate: :func:`_train` fails the job for that)."""
+    if not spec_json.get("integrations"):
+        return None
+    try:
+        spec = JobSpec.model_validate(spec_json)
+    except ValidationError:
+        return None
+    return Integrations(spec, job_id, storage, settings, factory)
+
+
+def _end_integrations(hooks: DatabaseHooks, outcome: Outcome) -> None:
+    """End the integrations (the run's last TensorBoard files, MLflow's best checkpoint and
+    run status), renewing the lease meanwhile; their warnings go into the result's
+    ``warnings``. An interrupted or abandoned attempt leaves the MLflow run open."""
+    integrations = hooks.integrations
+    if integrations is None:
+        return
+    ended = not (hooks.lost or outcome.abandoned or _interrupted(outcome, hooks))
+    warnings = integrations.finish(outcome.status if ended else None, hooks.beat,
+                                   timeout_s=MLFLOW_FINISH_S if ended else 5.0)
+    if warnings and outcome.result is not None:
+        outcome.result["warnings"] = [*outcome.result.get("warnings", []), *warnings]
+    elif warnings:
+        log.warning("job %s: integration warnings: %s", hooks.job_id, warnings)
 
 
 def _finish(hooks: DatabaseHooks, factory: SessionFactory, outcome: Outcome

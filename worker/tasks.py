@@ -24,6 +24,7 @@ from celery.worker.request import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.db import make_engine, make_session_factory, session_scope
+from store.logs import job_log_context
 from store.models import JobStatus
 from store.queue import TRAIN_TASK, CeleryEnqueuer, RedisQueueInspector
 from store.settings import Settings, get_settings
@@ -104,9 +105,10 @@ def train_job(job_id: str) -> None:
     unacknowledged message instead: either way, once."""
     settings = get_settings()
     factory = session_factory()
-    status = run_job(job_id, session_factory=factory,
-                     storage=LocalStorage(settings.storage_dir), settings=settings,
-                     shutdown=SHUTDOWN)
+    with job_log_context(job_id):  # every log record of the run carries the job id
+        status = run_job(job_id, session_factory=factory,
+                         storage=LocalStorage(settings.storage_dir), settings=settings,
+                         shutdown=SHUTDOWN)
     if status == JobStatus.QUEUED:
         raise Reject("the worker is shutting down", requeue=True)
 

@@ -51,6 +51,8 @@ def _requests(
         ("GET", f"{j}/metrics", {}),
         ("GET", f"{j}/samples", {}),
         ("GET", f"{j}/result", {}),
+        ("GET", f"{j}/webhooks", {}),
+        ("GET", f"{j}/tensorboard.tar.gz", {}),
         ("GET", f"{j}/checkpoints", {}),
         ("GET", f"{j}/checkpoints/{ckpt_id}/download", {}),
         ("HEAD", f"{j}/checkpoints/{ckpt_id}/download", {}),
