@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.outbound import OutboundRefused, Target, resolve_public
 from store.db import session_scope
+from store.logs import job_log_context
 from store.models import Job, JobStatus, WebhookDelivery, utcnow
 from store.settings import Settings
 
@@ -182,7 +183,8 @@ class WebhookDispatcher:
         for claimed in self.claim_due():
             if self._stop.is_set():
                 break
-            self.deliver(claimed)
+            with job_log_context(claimed.job_id):  # its log lines carry the job id
+                self.deliver(claimed)
             sent += 1
         return sent
 
