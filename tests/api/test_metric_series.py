@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import metricseries
 from core.errors import ValidationFailed
+from core.eta import eta_seconds
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from store.models import Job, JobStatus, Metric, new_id, utcnow
 from store.progress import claim_job
@@ -146,20 +147,20 @@ def _rows(*triples: tuple[int, float, int]) -> list[dict[str, Any]]:
 
 def test_eta_from_the_recent_rate_and_the_nearest_budget() -> None:
     rows = _rows((40, 4.0, 4000), (30, 3.0, 3000), (20, 2.0, 2000))  # 10 steps/s
-    assert metricseries.eta_seconds({"training": {"max_steps": 100}}, rows) == 6.0
+    assert eta_seconds({"training": {"max_steps": 100}}, rows) == 6.0
     # max_tokens nearer: 1000 tokens/s, 2000 left.
-    assert metricseries.eta_seconds({"training": {"max_steps": 100, "max_tokens": 6000}},
+    assert eta_seconds({"training": {"max_steps": 100, "max_tokens": 6000}},
                                     rows) == 2.0
     # max_epochs: 0.1 epochs/s, 0.2 left; max_runtime_s: 1 s left of this run's 5.
-    assert metricseries.eta_seconds({"training": {"max_steps": 100, "max_epochs": 0.6}},
+    assert eta_seconds({"training": {"max_steps": 100, "max_epochs": 0.6}},
                                     rows) == 2.0
-    assert metricseries.eta_seconds({"training": {"max_steps": 100, "max_runtime_s": 5}},
+    assert eta_seconds({"training": {"max_steps": 100, "max_runtime_s": 5}},
                                     rows) == 1.0
     # A resume restarted elapsed_s: only the rows of the current run count (20 steps/s).
     resumed = _rows((40, 1.0, 4000), (20, 0.0, 2000), (10, 9.0, 1000))
-    assert metricseries.eta_seconds({"training": {"max_steps": 100}}, resumed) == 3.0
-    assert metricseries.eta_seconds({"training": {"max_steps": 100}}, rows[:1]) is None
-    assert metricseries.eta_seconds({"training": {"max_steps": 100}}, []) is None
+    assert eta_seconds({"training": {"max_steps": 100}}, resumed) == 3.0
+    assert eta_seconds({"training": {"max_steps": 100}}, rows[:1]) is None
+    assert eta_seconds({"training": {"max_steps": 100}}, []) is None
 
 
 # -- over HTTP (in process, SQLite) -----------------------------------------------------------
