@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from core.classification import ClassificationResult
 from core.contract import StepMetrics, TrainingResult
+from core.ppo import PPOResult
 from store.models import Metric
 
 
@@ -212,6 +213,10 @@ JobResultOut: type[BaseModel] = create_model(
     # the language model's (steps, stop_reason, test_accuracy, ...) defined once above.
     **_optional_fields(ClassificationResult,
                        skip={f.name for f in dataclasses.fields(TrainingResult)}),
+    # A PPO job's result (task "ppo", core.ppo.PPOResult): final_reward_mean, final_kl (nats
+    # per response), final_kl_exact, best_reward_mean, kl_coef, rollout_tokens_per_s, ...
+    **_optional_fields(PPOResult, skip={f.name for f in dataclasses.fields(TrainingResult)}
+                       | {f.name for f in dataclasses.fields(ClassificationResult)}),
 )
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import inspect
 from app.schemas import JobResultOut, MetricOut
 from core.classification import ClassificationResult
 from core.contract import CheckpointBlob, CheckpointKind, StepMetrics, TrainingResult
+from core.ppo import PPOResult
 from store import models
 from store.db import session_scope
 from store.models import JobStatus
@@ -32,7 +33,8 @@ def test_metric_response_fields_are_the_step_metrics_fields() -> None:
 def test_result_response_has_every_training_result_field_and_the_service_fields() -> None:
     service = {"job_id", "status", "best_checkpoint_id", "last_checkpoint_id", "error"}
     assert set(JobResultOut.model_fields) == (_names(TrainingResult)
-                                              | _names(ClassificationResult) | service)
+                                              | _names(ClassificationResult)
+                                              | _names(PPOResult) | service)
 
 
 def test_metric_table_stores_values_by_name_not_one_column_per_metric() -> None:

@@ -1,11 +1,13 @@
 """PPO fine-tuning through the real service (issue 10): train a tiny character LM on uniformly
 random letters, then a ``task: "ppo"`` job with ``init_from`` it and a ``char_fraction``
-reward; watch its metrics and samples over HTTP; stop its worker mid-run (SIGTERM: the job goes
+reward; watch its metrics and samples over HTTP, generate from and export its checkpoint;
+stop its worker mid-run (SIGTERM: the job goes
 back to queued with a ``last`` checkpoint) and let the next worker resume it, the metric rows
 continuing without a gap or a change; and cancel another one while it runs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -45,7 +47,7 @@ def uniform_text(n_lines: int = 100, width: int = 200, seed: int = 0) -> str:
 def svc(start_service: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[Any]:
     url = f"sqlite:///{tmp_path_factory.mktemp('ppo-db') / 'lmforge.db'}"
-    service = start_service(url, name="ppo")
+    service = start_service(url, name="ppo", inference=True)
     yield service
     service.stop()
 
@@ -169,6 +171,16 @@ def test_a_ppo_job_reports_its_metrics_and_samples_and_resumes_after_a_worker_st
     assert result["stop_reason"] == "max_steps"
     assert result["final_reward_mean"] is not None and result["final_kl"] is not None
     assert result["init_from"]["job_id"] == lm_id
+    # Its checkpoints are the policy's, a language model: the inference server generates
+    # from them and exports them like a language-model job's.
+    gen = api.client.post(f"/v1/jobs/{job_id}/generate", json={
+        "checkpoint": "last", "prompt": "", "max_new_tokens": 8, "num_samples": 2, "seed": 1})
+    assert gen.status_code == 200, gen.text
+    assert [len(x["text"]) for x in gen.json()["samples"]] == [8, 8]
+    exported = api.client.get(f"/v1/jobs/{job_id}/checkpoints/last/export",
+                              params={"format": "safetensors"})
+    assert exported.status_code == 200, exported.text
+    assert exported.headers["X-Export-SHA256"] == hashlib.sha256(exported.content).hexdigest()
     # Its checkpoints are language-model checkpoints: another PPO job may start from it.
     again = submit_ppo(api, job_id, max_steps=2, eval_interval=2)
     assert api.wait_finished(again["id"])["status"] == "succeeded"

@@ -61,7 +61,7 @@ def export_route(call: ExportCall, request: Request) -> Response:
     """The exported file (module docstring)."""
 
     def work(loaded: LoadedModel, _: Callable[[], bool]) -> bytes:
-        if loaded.task != "lm":
+        if loaded.task not in ("lm", "ppo"):  # a PPO checkpoint's model is an LM
             raise WrongTask(f"export covers language-model jobs; this checkpoint is of a "
                             f"{loaded.task!r} job")
         with torch.no_grad():

@@ -86,7 +86,7 @@ def run_call(request: Request, call: ServerCall,
 
 
 def _require_lm(loaded: LoadedModel, what: str) -> None:
-    if loaded.task != "lm":
+    if loaded.task not in ("lm", "ppo"):  # a PPO checkpoint's model is its policy, an LM
         raise WrongTask(f"{what} needs a language-model job; this checkpoint is of a "
                         f"{loaded.task!r} job (use /classify)")
 
