@@ -298,6 +298,9 @@ KEYWORDS = ["the", "and", "my", "you", "love"]
 
 @pytest.mark.slow
 def test_keyword_reward_rises_with_the_kl_held_near_its_target() -> None:
+    """About 80 s on 2 cores. Smaller runs (a 64-wide LM, 80 iterations: 38 s) raise the
+    reward too, but end before the KL reaches the controller's target, so they cannot show
+    the controller holding it."""
     path = find_corpus("tinyshakespeare/input.txt")
     if path is None:
         pytest.skip("data/tinyshakespeare is not here")
@@ -343,7 +346,8 @@ def test_keyword_reward_rises_with_the_kl_held_near_its_target() -> None:
     for s in hooks.samples[-1][1][:4]:
         log.warning("%r -> %r reward %.3f", s["prompt"], s["response"], s["reward"])
     assert end >= 1.8 * start
-    assert sum(late_kl) / len(late_kl) <= 1.2 * target
+    # The controller holds the KL in its band: it got there, and stays.
+    assert 0.7 * target <= sum(late_kl) / len(late_kl) <= 1.2 * target
     assert max(r.kl_exact for r in rows) <= 1.5 * target
     assert evals[-1].val_ref_ppl is not None and evals[-1].val_ref_ppl <= 1.2 * ref_own_ppl
 
