@@ -20,17 +20,18 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from core.contract import CorpusTexts
+from core.contract import CorpusTexts, TrainingError
 from core.corpora import find_corpus
 from core.ppo import PPOStepMetrics
-from core.spec import JobSpec
+from core.spec import JobSpec, PPOSpec
 from tests.engine.conftest import RecordingHooks
 from worker.engine.checkpoint import (
     build_model_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from worker.engine.generate import start_ids
+from worker.engine.classifier import LSTMClassifier, save_classifier_checkpoint
+from worker.engine.generate import generate, start_ids
 from worker.engine.model import LSTMLanguageModel
 from worker.engine.ppo import (
     PromptSampler,
@@ -386,3 +387,56 @@ def test_resume_after_a_cancel_repeats_the_uninterrupted_run() -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len({r.kl_coef for r in full.ppo_rows}) > 1  # the controller's state was restored
+
+
+# -- prompts and checkpoints ------------------------------------------------------------------
+
+
+def test_build_prompts_from_lines_a_corpus_or_nothing() -> None:
+    tok = CharTokenizer(ALPHABET + ["\n"])
+    spec = PPOSpec.model_validate({"reward": {"kind": "length", "target": 3},
+                                   "prompts": {"dataset_id": "d"}})
+    lines = build_prompts(spec.prompts, tok, "ab\n\n  \ncde\n")
+    assert lines.prompts == [tok.encode("ab"), tok.encode("cde")]  # blank lines dropped
+    rng = random.Random(0)
+    assert {tuple(p) for p in lines.sample(50, rng)} == {tuple(p) for p in lines.prompts}
+    corpus = build_prompts(PPOSpec.model_validate({
+        "reward": {"kind": "length", "target": 3},
+        "prompts": {"from_corpus": {"prompt_tokens": 4}}}).prompts, tok, "abcdefgh")
+    windows = corpus.sample(200, rng)
+    assert all(len(w) == 4 and tok.decode(w) in "abcdefgh" for w in windows)
+    assert len({tuple(w) for w in windows}) == 5  # every start position is drawn
+    empty = build_prompts(PPOSpec.model_validate({
+        "reward": {"kind": "length", "target": 3}}).prompts, tok, None)
+    assert empty.sample(3, rng) == [tok.encode("\n")] * 3 and empty.empty
+    for prompts, text in (({"dataset_id": "d"}, " \n\n"),
+                          ({"from_corpus": {"prompt_tokens": 8}}, "abcdefgh")):
+        with pytest.raises(TrainingError) as err:
+            build_prompts(PPOSpec.model_validate({"reward": {"kind": "length", "target": 3},
+                                                  "prompts": prompts}).prompts, tok, text)
+        assert err.value.code == "dataset_error"
+
+
+def test_checkpoints_are_language_model_checkpoints() -> None:
+    """generate() reads a PPO job's checkpoints as any LM's; best and last hold the value
+    head; a classifier's checkpoint is refused as init_from."""
+    init = lm_checkpoint(uniform=False)
+    hooks = run(ppo_spec({"rollout_batch_size": 8, "response_length": 6, "lr": 0.01},
+                         {"max_steps": 2, "eval_interval": 1}), init)
+    assert {c.kind for c in hooks.checkpoints} == {"best", "last"}
+    for c in hooks.checkpoints:
+        ckpt = load_checkpoint(c.data)
+        assert ckpt.spec.task == "ppo"
+        model = build_model_from_checkpoint(ckpt)
+        text = generate(model, ckpt.tokenizer, "the ", max_new_tokens=5).samples[0].text
+        assert len(text) == 5
+        assert "value_head.weight" in tensors(c.data)
+    assert hooks.samples and all(len(s) == 8 for _, s in hooks.samples)
+    assert set(hooks.samples[0][1][0]) == {"prompt", "response", "reward", "kl"}
+    spec = JobSpec.model_validate({"task": "classify", "dataset_id": "d"})
+    clf = LSTMClassifier(load_checkpoint(init).model_config, 2, "mean")
+    data = save_classifier_checkpoint("best", spec, clf, load_checkpoint(init).tokenizer,
+                                      ["a", "b"], {"step": 0})
+    with pytest.raises(TrainingError) as err:
+        load_policy(data)
+    assert err.value.code == "invalid_spec"
