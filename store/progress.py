@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from core.contract import CheckpointBlob, MetricRow
 from core.errors import Conflict, NotFound
+from store.events import checkpoint_data, publish_on_commit, publish_status_on_commit
 from store.models import (
     ApiKey,
     Checkpoint,
@@ -104,6 +105,7 @@ def claim_job(session: Session, job_id: str, worker_id: str,
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     start_attempt(session, job_id, job.attempts, worker_id)
+    publish_status_on_commit(session, job)  # the event stream (store.events), after commit
     return job
 
 
@@ -191,6 +193,9 @@ def record_metrics(
         {"job_id": job_id, "step": d["step"], "values": {k: v for k, v in d.items() if k != "step"}}
         for d in dicts
     ])
+    publish_on_commit(session, job_id, "metrics", [
+        {"step": d["step"], "values": {k: v for k, v in d.items() if k != "step"}}
+        for d in dicts])
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     latest = dict(dicts[-1])
@@ -274,6 +279,7 @@ def add_checkpoint_row(
         session.delete(r)
     session.add(row)
     session.flush()
+    publish_on_commit(session, job_id, "checkpoint", checkpoint_data(row))
     return row, [r.storage_key for r in stale]
 
 
@@ -364,6 +370,7 @@ def finish_job(
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
     end_attempt(session, job_id, attempt, status.value, error)
+    _publish_status(session, job_id)
     return status
 
 
@@ -384,3 +391,11 @@ def requeue_interrupted(session: Session, job_id: str, attempt: int) -> None:
     except (Conflict, NotFound) as exc:
         raise JobLost(job_id) from exc
     end_attempt(session, job_id, attempt, "interrupted")
+    _publish_status(session, job_id)
+
+
+def _publish_status(session: Session, job_id: str) -> None:
+    """The job's new status on its event stream once ``session`` commits (store.events)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None:
+        publish_status_on_commit(session, job)

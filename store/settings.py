@@ -127,6 +127,20 @@ class Settings(BaseSettings):
     inference_max_samples: int = Field(default=16, ge=1, alias="LMFORGE_INFERENCE_MAX_SAMPLES")
     inference_max_texts: int = Field(default=256, ge=1, alias="LMFORGE_INFERENCE_MAX_TEXTS")
 
+    # -- Job events (GET /v1/jobs/{id}/events, docs/events.md) ---------------------------------
+    # A comment heartbeat after this many seconds without another event (seconds).
+    events_heartbeat_s: float = Field(default=15.0, gt=0, alias="LMFORGE_EVENTS_HEARTBEAT_S")
+    # While Redis cannot be reached, each stream reads the database this often (seconds).
+    events_poll_s: float = Field(default=1.0, gt=0, alias="LMFORGE_EVENTS_POLL_S")
+    # While Redis delivers, each stream still checks the database this often (seconds), for
+    # the changes no process published (the sweeps' requeues and failures).
+    events_reconcile_s: float = Field(default=5.0, gt=0, alias="LMFORGE_EVENTS_RECONCILE_S")
+    # Each job's Redis stream keeps about this many entries (XADD MAXLEN ~).
+    events_maxlen: int = Field(default=10_000, ge=100, alias="LMFORGE_EVENTS_MAXLEN")
+    # A job's Redis stream expires this long after its terminal status (seconds); any stream
+    # expires a week after its last entry.
+    events_ttl_s: int = Field(default=3600, ge=1, alias="LMFORGE_EVENTS_TTL_S")
+
     @property
     def heartbeat_interval_s(self) -> float:
         """How often a running job renews its lease (and polls for a cancel): a sixth of the

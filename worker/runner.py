@@ -52,6 +52,7 @@ from core.contract import (
 )
 from core.sources import CHUNK_CHARS, CorpusSources, TextSource
 from core.spec import DatasetSource, JobSpec
+from store import events
 from store.db import session_scope
 from store.models import Dataset, JobStatus
 from store.progress import (
@@ -407,6 +408,7 @@ def run_job(
         return JobStatus.QUEUED
     retry = db_retry or DbRetry()
     worker = worker_id or default_worker_id()
+    events.configure(settings)  # where this job's events go (store.events, after each commit)
 
     def claim() -> tuple[int, dict[str, Any]] | None:
         with session_scope(session_factory) as s:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 
 from app.auth import current_principal
 from app.http_errors import ErrorBody
-from app.routes import datasets, export, health, inference, jobs, keys, ops, samples
+from app.routes import datasets, events, export, health, inference, jobs, keys, ops, samples
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "no API key, or an invalid or revoked one "
@@ -22,11 +22,13 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 api_router = APIRouter(dependencies=[Depends(current_principal)], responses=_AUTH_RESPONSES)
 api_router.include_router(datasets.router)
 api_router.include_router(jobs.router)
+api_router.include_router(events.router)  # GET /v1/jobs/{id}/events
 api_router.include_router(samples.router)
 api_router.include_router(ops.router)  # webhooks log, TensorBoard files
 api_router.include_router(inference.router)
 api_router.include_router(export.router)
 api_router.include_router(keys.router)
 health_router = health.router
+health_router.include_router(events.health_router)  # GET /healthz/events
 
 __all__ = ["api_router", "health_router"]

@@ -33,6 +33,7 @@ from app.schemas import (
     metric_out,
 )
 from core.spec import JobSpec
+from store import events as store_events
 from store.models import Job, JobStatus
 from store.queue import Enqueuer
 from store.sweep import release_enqueue
@@ -194,11 +195,15 @@ def get_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> 
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> JobOut:
+def cancel_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep,
+               settings: SettingsDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next step, keeping a last checkpoint.
     Finished: 409."""
     job = jobs.cancel_job(session, principal, job_id)
     session.commit()
+    store_events.publisher(settings).publish(  # the job's event stream (docs/events.md)
+        job.id, "status", store_events.status_data(job),
+        terminal=job.status != JobStatus.RUNNING)
     return _out(session, job)
 
 
