@@ -216,17 +216,22 @@ class JobEventStream:
         """Connect and note the newest entry of the job's stream; on failure stay without."""
         client = aioredis.Redis.from_url(
             self.settings.redis_url, decode_responses=True, single_connection_client=True,
-            socket_connect_timeout=0.5, client_name=STREAM_CLIENT_NAME)
+            socket_connect_timeout=0.5, client_name=STREAM_CLIENT_NAME,
+            socket_timeout=None)  # XREAD BLOCK waits up to seconds; anyio bounds each read
         _count(connections=1)
+        newest: Any = None
         try:
             with anyio.fail_after(2.0):
-                newest: Any = await client.xrevrange(stream_key(self.job_id), count=1)
+                newest = await client.xrevrange(stream_key(self.job_id), count=1)
+            self.redis = client
         except (redis.RedisError, OSError, TimeoutError) as exc:
-            await self._close(client)
             log.info("job %s events: Redis unreachable (%s); reading the database every "
                      "%g s", self.job_id, type(exc).__name__, self.settings.events_poll_s)
+        finally:  # also when the client disconnected meanwhile (cancelled)
+            if self.redis is not client:
+                await self._close(client)
+        if self.redis is None:
             return
-        self.redis = client
         self.redis_id = str(newest[0][0]) if newest else "0-0"
 
     async def _close(self, client: aioredis.Redis | None) -> None:
