@@ -7,8 +7,10 @@ session ``after_commit`` listener hands it to the process's :class:`EventPublish
 drops it. So Redis never shows a change the database does not hold, and one process's events
 reach Redis in commit order.
 
-Each job has one stream, ``lmforge:events:<job_id>`` (:func:`stream_key`); an entry has two
-fields: ``event`` (``metrics``, ``checkpoint``, ``status`` or ``resync``) and ``data`` (JSON):
+Each job has one stream, ``lmforge:events:<job_id>`` (:func:`stream_key`); an entry has the
+fields ``event`` (``metrics``, ``checkpoint``, ``status`` or ``resync``), ``t`` (the Unix time,
+in seconds, at which the publishing process wrote the change, before its commit: the start of
+the lag that bench/event_lag.py measures) and ``data`` (JSON):
 
 - ``metrics``: the rows of one flush, ``[{"step": int, "values": {name: value}}, ...]``;
 - ``checkpoint``: the checkpoint row (``id, job_id, kind, step, bytes, sha256, metrics,
@@ -97,7 +99,7 @@ class EventPublisher:
         self._client = redis.Redis.from_url(
             redis_url, socket_connect_timeout=0.5, socket_timeout=2.0,
             client_name=PUBLISHER_CLIENT_NAME)
-        self._queue: deque[tuple[str, str, str, bool]] = deque()
+        self._queue: deque[tuple[str, str, str, bool, float]] = deque()
         self._limit = queue_limit
         self._cond = threading.Condition()
         self._busy = False
@@ -110,9 +112,11 @@ class EventPublisher:
 
     # -- the caller's side --------------------------------------------------------------------
 
-    def publish(self, job_id: str, event: str, data: Any, *, terminal: bool = False) -> None:
+    def publish(self, job_id: str, event: str, data: Any, *, terminal: bool = False,
+                t: float | None = None) -> None:
         """Queue one event of ``job_id`` (never blocks, never raises). ``terminal``: the job
-        ended; its stream expires ``ttl_s`` seconds after this entry."""
+        ended; its stream expires ``ttl_s`` seconds after this entry. ``t``: when the change
+        was written (Unix seconds; default now)."""
         try:
             payload = json.dumps(data, separators=(",", ":"), default=str)
         except (TypeError, ValueError) as exc:  # a value JSON cannot hold: say so, go on
@@ -123,7 +127,8 @@ class EventPublisher:
                 lost = self._queue.popleft()
                 self._dirty.add(lost[0])
                 self.dropped += 1
-            self._queue.append((job_id, event, payload, terminal))
+            self._queue.append((job_id, event, payload, terminal,
+                                time.time() if t is None else t))
             self._cond.notify()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="lmforge-events",
@@ -160,20 +165,20 @@ class EventPublisher:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _send(self, batch: list[tuple[str, str, str, bool]]) -> None:
+    def _send(self, batch: list[tuple[str, str, str, bool, float]]) -> None:
         if time.monotonic() < self._down_until:
             self._lose(batch)
             return
         pipe = self._client.pipeline(transaction=False)
         resynced: set[str] = set()
-        for job_id, event, payload, terminal in batch:
+        for job_id, event, payload, terminal, t in batch:
             key = stream_key(job_id)
             if job_id in self._dirty and job_id not in resynced:
-                pipe.xadd(key, {"event": "resync", "data": "null"}, maxlen=self.maxlen,
-                          approximate=True)
+                pipe.xadd(key, {"event": "resync", "t": repr(t), "data": "null"},
+                          maxlen=self.maxlen, approximate=True)
                 resynced.add(job_id)
-            pipe.xadd(key, {"event": event, "data": payload}, maxlen=self.maxlen,
-                      approximate=True)
+            pipe.xadd(key, {"event": event, "t": repr(t), "data": payload},
+                      maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.ttl_s if terminal else IDLE_TTL_S)
         try:
             pipe.execute()
@@ -192,7 +197,7 @@ class EventPublisher:
             self._down = False
             log.info("job events are published again")
 
-    def _lose(self, batch: list[tuple[str, str, str, bool]]) -> None:
+    def _lose(self, batch: list[tuple[str, str, str, bool, float]]) -> None:
         self.dropped += len(batch)
         self._dirty.update(job_id for job_id, *_ in batch)
 
@@ -240,7 +245,7 @@ _PENDING = "lmforge.events.pending"
 def publish_on_commit(session: Session, job_id: str, event: str, data: Any, *,
                       terminal: bool = False) -> None:
     """Publish the event once ``session`` commits (dropped if it rolls back)."""
-    session.info.setdefault(_PENDING, []).append((job_id, event, data, terminal))
+    session.info.setdefault(_PENDING, []).append((job_id, event, data, terminal, time.time()))
 
 
 def publish_status_on_commit(session: Session, job: Job) -> None:
@@ -256,8 +261,8 @@ def _publish_pending(session: Session) -> None:
         return
     try:
         pub = publisher()
-        for job_id, event, data, terminal in pending:
-            pub.publish(job_id, event, data, terminal=terminal)
+        for job_id, event, data, terminal, t in pending:
+            pub.publish(job_id, event, data, terminal=terminal, t=t)
     except Exception:  # publishing must never fail a commit
         log.exception("job events were not published")
 
