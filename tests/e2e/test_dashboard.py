@@ -251,7 +251,7 @@ def test_a_bad_key_is_refused_with_a_message(
     # A good key then works in the same tab.
     page.fill("#api-key", svc.key)
     page.click("#use-key")
-    page.locator("#jobs-table, #no-jobs").first.wait_for()
+    page.locator("#jobs-table:visible, #no-jobs:visible").first.wait_for()
     assert banner.is_hidden()
 
 

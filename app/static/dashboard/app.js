@@ -212,9 +212,15 @@
   function every(ms, fn) {
     let stopped = false;
     let timer = null;
+    let failed = false;  // the banner shows this loop's last error until it succeeds again
     const loop = async () => {
       if (stopped) return;
-      try { await fn(); } catch (e) { if (!(e instanceof ApiError && e.status === 401)) showError(e); }
+      try {
+        await fn();
+        if (failed) { clearBanner(); failed = false; }
+      } catch (e) {
+        if (!(e instanceof ApiError && e.status === 401)) { showError(e); failed = true; }
+      }
       if (!stopped) timer = setTimeout(loop, ms);
     };
     onLeave(() => { stopped = true; clearTimeout(timer); });
@@ -283,7 +289,7 @@
             ? "cancelling" : null)),
           h("td", {}, progressBar(job.progress || {})),
           h("td", { class: "num best" }, best),
-          h("td", { class: "num" }, job.status === "running" ? fmt(lm.tokens_per_s, 0) : "—"),
+          h("td", { class: "num" }, job.status === "running" ? fmt(lm.tokens_per_s ?? lm.rollout_tokens_per_s, 0) : "—"),
           h("td", { title: job.created_at }, fmtAge(job.created_at)));
       }));
       table.tBodies[0].replaceChildren(...rows);
@@ -299,6 +305,7 @@
     const width = () => Math.max(280, container.clientWidth - 8);
     const u = new uPlot({
       title, width: width(), height: 220,
+      legend: { live: false },  // the series' names only; no values under the cursor
       scales: { x: { time: false }, y: opts && opts.log ? { distr: 3 } : {} },
       axes: [{ label: "step" }, { label: (opts && opts.unit) || "" , size: 70 }],
       series: [{ label: "step" }].concat(series.map((s) => ({
@@ -306,31 +313,63 @@
         points: { show: !!s.points, size: 5 },
       }))),
     }, [[]].concat(series.map(() => [])), container);
-    const onResize = () => u.setSize({ width: width(), height: 220 });
-    window.addEventListener("resize", onResize);
-    onLeave(() => { window.removeEventListener("resize", onResize); u.destroy(); });
+    // Follow the box's width (the grid reflows with the window and the number of columns).
+    let last = width();
+    const observer = new ResizeObserver(() => {
+      const w = width();
+      if (w !== last) { last = w; u.setSize({ width: w, height: 220 }); }
+    });
+    observer.observe(container);
+    onLeave(() => { observer.disconnect(); u.destroy(); });
     return u;
   }
 
+  // The charts of a job, by task: [id, title, series]; each series plots one metric key.
+  const CHARTS = {
+    lm: [
+      ["loss", "Loss (cross-entropy, nats/token)", [
+        { label: "train", key: "train_loss", color: "#2b6cb0" },
+        { label: "validation", key: "val_loss", color: "#d9480f", points: true }]],
+      ["lr", "Learning rate", [{ label: "lr", key: "lr", color: "#2f9e44" }]],
+      ["tps", "Throughput (tokens/s)", [{ label: "tokens/s", key: "tokens_per_s", color: "#7048e8" }]],
+    ],
+    classify: [
+      ["loss", "Loss (cross-entropy, nats/example)", [
+        { label: "train", key: "train_loss", color: "#2b6cb0" },
+        { label: "validation", key: "val_loss", color: "#d9480f", points: true }]],
+      ["f1", "Validation macro-F1 and accuracy", [
+        { label: "macro-F1", key: "val_macro_f1", color: "#d9480f", points: true },
+        { label: "accuracy", key: "val_accuracy", color: "#2b6cb0", points: true }]],
+      ["lr", "Learning rate", [{ label: "lr", key: "lr", color: "#2f9e44" }]],
+      ["tps", "Throughput (tokens/s)", [{ label: "tokens/s", key: "tokens_per_s", color: "#7048e8" }]],
+    ],
+    ppo: [
+      ["reward", "Reward (mean per response)", [
+        { label: "rollouts", key: "reward_mean", color: "#2b6cb0" },
+        { label: "validation", key: "val_reward_mean", color: "#d9480f", points: true }]],
+      ["kl", "KL to the reference model (nats/response)", [
+        { label: "rollouts", key: "kl", color: "#2b6cb0" },
+        { label: "validation", key: "val_kl", color: "#d9480f", points: true }]],
+      ["lr", "Learning rate", [{ label: "lr", key: "lr", color: "#2f9e44" }]],
+      ["tps", "Throughput (rollout tokens/s)", [
+        { label: "tokens/s", key: "rollout_tokens_per_s", color: "#7048e8" }]],
+    ],
+  };
+
   // The metric rows of a job, by step; a resumed job that replays steps overwrites them.
   class Curves {
-    constructor(root) {
+    constructor(root, task) {
       this.rows = new Map();
       this.steps = [];
-      this.dirty = false;
       this.root = root;
       const grid = h("div", { class: "charts" });
-      const boxes = ["loss", "lr", "tps"].map((name) =>
-        h("figure", { class: "chart", id: `chart-${name}`, "data-points": 0 }));
-      grid.append(...boxes);
       root.append(grid);
-      this.boxes = boxes;
-      this.loss = makeChart(boxes[0], "Loss (cross-entropy, nats/token)", [
-        { label: "train", key: "train_loss", color: "#2b6cb0" },
-        { label: "validation", key: "val_loss", color: "#d9480f", points: true }]);
-      this.lr = makeChart(boxes[1], "Learning rate", [{ label: "lr", key: "lr", color: "#2f9e44" }]);
-      this.tps = makeChart(boxes[2], "Throughput (tokens/s)",
-        [{ label: "tokens/s", key: "tokens_per_s", color: "#7048e8" }]);
+      // Every box is laid out in the grid before a chart measures its width.
+      const specs = CHARTS[task] || CHARTS.lm;
+      const boxes = specs.map(([id]) => h("figure", { class: "chart", id: `chart-${id}`, "data-points": 0 }));
+      grid.append(...boxes);
+      this.charts = specs.map(([, title, series], i) =>
+        ({ box: boxes[i], series, plot: makeChart(boxes[i], title, series) }));
       this.frame = null;
       onLeave(() => { if (this.frame) cancelAnimationFrame(this.frame); });
     }
@@ -358,10 +397,10 @@
 
     draw() {
       const x = this.steps;
-      this.loss.setData([x, this.column("train_loss"), this.column("val_loss")]);
-      this.lr.setData([x, this.column("lr")]);
-      this.tps.setData([x, this.column("tokens_per_s")]);
-      for (const b of this.boxes) b.setAttribute("data-points", String(x.length));
+      for (const c of this.charts) {
+        c.plot.setData([x].concat(c.series.map((sr) => this.column(sr.key))));
+        c.box.setAttribute("data-points", String(x.length));
+      }
     }
   }
 
@@ -386,8 +425,10 @@
       const { value, done } = await reader.read();
       if (done) return;
       buffer += value;
-      const lines = buffer.split(/\r\n|\r|\n/);
-      buffer = lines.pop();  // a partial line waits for the next chunk
+      // A trailing "\r" may be the first half of a "\r\n" split across chunks: keep it back.
+      const cut = buffer.endsWith("\r") ? buffer.length - 1 : buffer.length;
+      const lines = buffer.slice(0, cut).split(/\r\n|\r|\n/);
+      buffer = lines.pop() + buffer.slice(cut);  // a partial line waits for the next chunk
       for (const line of lines) {
         if (line === "") {  // a blank line ends an event (WHATWG HTML, "server-sent events")
           if (ev.data.length) onEvent({ event: ev.event || "message", id: ev.id, data: ev.data.join("\n") });
@@ -524,7 +565,7 @@
       h("section", { class: "card", id: "samples-section" }, h("h2", { text: "Sampled text" }),
         samplesBox, genBox, genOut),
       h("section", { class: "card" }, h("h2", { text: "Spec" }), specBox));
-    const curves = new Curves(chartsBox);
+    const curves = new Curves(chartsBox, (job.spec || {}).task || "lm");
     let stopped = false;
     const controller = new AbortController();
     onLeave(() => { stopped = true; controller.abort(); });
@@ -542,8 +583,8 @@
     function drawHead() {
       const cancelling = job.cancel_requested && !TERMINAL.has(job.status);
       head.replaceChildren(
-        h("h1", {}, job.name || job.id, " ", statusBadge(job.status, cancelling ? "cancelling" : null)),
-        TERMINAL.has(job.status) || job.cancel_requested ? null : cancelBtn);
+        h("h1", {}, job.name || job.id, " ", statusBadge(job.status, cancelling ? "cancelling" : null)));
+      if (!TERMINAL.has(job.status) && !job.cancel_requested) head.append(cancelBtn);
       const lm = job.latest_metrics || {};
       const p = job.progress || {};
       stats.replaceChildren(kv([
@@ -656,7 +697,7 @@
 
     async function follow() {
       let lastId = null;
-      for (let attempt = 0; !stopped; attempt++) {
+      while (!stopped) {
         try {
           await readEvents(job.id, lastId, (ev) => {
             if (ev.id !== null) lastId = ev.id;
