@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, case, cast, func, or_, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -102,9 +102,10 @@ def downsample(session: Session, job_id: str, resolution: int, metric: str,
     Cost: the range and count from the primary key alone; the first and last row with the
     metric; then, when the rows do not all fit, one pass over the job's rows per extreme
     (SQLite: per bucket, an index range scan keeping its min (max) row, so the database
-    neither sorts nor hands over more than ``resolution`` rows; PostgreSQL: one window
-    query), and one query loading the rows kept. Raises :class:`ValidationFailed` (field
-    ``metric``) when the metric's values are not numbers (e.g. ``val_per_class``)."""
+    neither sorts nor hands over more than ``resolution`` rows; PostgreSQL: one pass with
+    a hash aggregate per bucket), and one query loading the rows kept. Raises
+    :class:`ValidationFailed` (field ``metric``) when the metric's values are not numbers
+    (e.g. ``val_per_class``)."""
     lo, hi, total = session.execute(
         select(func.min(Metric.step), func.max(Metric.step), func.count())
         .where(Metric.job_id == job_id, Metric.step > after_step)).one()
@@ -125,7 +126,7 @@ def downsample(session: Session, job_id: str, resolution: int, metric: str,
         if session.get_bind().dialect.name == "sqlite":
             steps.update(_sqlite_extremes(session, job_id, metric, lo, hi, buckets))
         else:
-            steps.update(_window_extremes(session, job_id, metric, lo, hi, buckets))
+            steps.update(_postgres_extremes(session, job_id, metric, lo, hi, buckets))
     rows = _load(session, job_id, after_step, sorted(steps) if buckets else None)
     return Downsampled([r for r in rows if _is_number(r.values.get(metric))], int(total),
                        buckets)
@@ -175,32 +176,33 @@ def _sqlite_extremes(session: Session, job_id: str, metric: str, lo: int, hi: in
     return out
 
 
-def _window_extremes(session: Session, job_id: str, metric: str, lo: int, hi: int,
-                     buckets: int) -> set[int]:
-    """The step of each bucket's min and max row, by ``row_number()`` windows (PostgreSQL;
-    any backend with window functions): rows whose value is not a JSON number are left out
-    before the cast, so no value makes the query fail."""
-    kind = _json_type(session, metric)
-    value = case((kind == "number", cast(Metric.values.op("->>")(metric), Float)),
-                 else_=None).label("v")
-    numbered = (select(Metric.step, value).where(Metric.job_id == job_id, Metric.step >= lo)
-                .subquery("numbered"))
-    # bucket = floor((step - lo) * B / span) in 64-bit integers (a 32-bit step times B could
-    # overflow); // is integer division on both backends.
-    bucket = cast(numbered.c.step - lo, BigInteger) * buckets // (hi - lo + 1)
-    ranked = (
-        select(
-            numbered.c.step,
-            func.row_number().over(partition_by=bucket,
-                                   order_by=(numbered.c.v.asc(), numbered.c.step)).label("rlo"),
-            func.row_number().over(partition_by=bucket,
-                                   order_by=(numbered.c.v.desc(), numbered.c.step)).label("rhi"),
-        )
-        .where(numbered.c.v.is_not(None))
-        .subquery("ranked")
-    )
-    return set(session.scalars(select(ranked.c.step).where(
-        or_(ranked.c.rlo == 1, ranked.c.rhi == 1))))
+_POSTGRES_EXTREMES = """
+SELECT min(ARRAY[v, step]), max(ARRAY[v, -step])
+FROM (SELECT step::float8 AS step,
+             CASE WHEN json_typeof(j) = 'number' THEN (j::text)::float8 END AS v,
+             (step - :lo)::bigint * :buckets / :span AS bucket
+      FROM (SELECT step, "values" -> CAST(:metric AS text) AS j FROM metrics
+            WHERE job_id = :job_id AND step >= :lo OFFSET 0) AS fenced) AS numbered
+WHERE v IS NOT NULL
+GROUP BY bucket
+"""
+
+
+def _postgres_extremes(session: Session, job_id: str, metric: str, lo: int, hi: int,
+                       buckets: int) -> set[int]:
+    """The step of each bucket's min and max row (PostgreSQL), in one pass: each row's JSON
+    is read once (``OFFSET 0`` keeps the planner from inlining the extraction into every
+    use), and per bucket (a hash aggregate, no sort) ``min(ARRAY[value, step])`` is the
+    lowest value's row with the smallest step, ``max(ARRAY[value, -step])`` the highest
+    value's with the smallest step (arrays compare element by element; steps are exact in
+    float8 below 2^53). Rows whose value is not a JSON number are left out before the
+    cast."""
+    params = {"lo": lo, "buckets": buckets, "span": hi - lo + 1, "metric": metric,
+              "job_id": job_id}
+    out: set[int] = set()
+    for low, high in session.execute(text(_POSTGRES_EXTREMES), params):
+        out.update((int(low[1]), int(-high[1])))
+    return out
 
 
 # -- CSV --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """How long ``GET /v1/jobs/{id}/metrics?resolution=N`` and ``metrics.csv`` take on a job with
 ``--rows`` metric rows (docs/benchmarks.md, "Long runs").
 
-Makes a database (a SQLite file in a temporary folder, or ``--database-url`` for PostgreSQL:
-an empty database), one job and ``--rows`` language-model metric rows of a noisy decaying
-loss curve with validation every 100 steps, then times, in process and without HTTP:
+Makes a database (a SQLite file in a temporary folder; ``--postgres``: a temporary embedded
+PostgreSQL server from the ``pgserver`` wheel; ``--database-url``: an empty database), one job
+and ``--rows`` language-model metric rows of a noisy decaying loss curve with validation
+every 100 steps, then times, in process and without HTTP:
 
 - ``downsample``: ``app.metricseries.downsample`` (min/max per bucket in SQL) for each
   ``--resolution``, of train_loss and of val_loss;
@@ -19,17 +20,20 @@ Prints one JSON line (median of ``--repeat`` runs, seconds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.metricseries import csv_rows, downsample
@@ -74,6 +78,12 @@ def fill(factory: sessionmaker[Session], rows: int) -> str:
     return job_id
 
 
+def _one_pass(factory: sessionmaker[Session], job_id: str) -> None:
+    with factory() as s:
+        s.scalar(select(func.count(Metric.values["train_loss"].as_float()))
+                 .where(Metric.job_id == job_id))
+
+
 def python_minmax(factory: sessionmaker[Session], job_id: str, resolution: int) -> int:
     """The same buckets, computed by loading every row (the approach the SQL avoids)."""
     with factory() as s:
@@ -96,9 +106,19 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--postgres", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        if args.postgres:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.support.postgres import PostgresServer
+
+            server = PostgresServer.temporary()
+            stack.callback(server.remove)
+            server.start()
+            url = server.create_database("bench")
         upgrade_database(url)
         engine = make_engine(url)
         factory = make_session_factory(engine)
@@ -106,6 +126,8 @@ def main() -> None:
         job_id = fill(factory, args.rows)
         out: dict[str, Any] = {"backend": engine.dialect.name, "rows": args.rows,
                                "fill_s": round(time.perf_counter() - t, 1)}
+        # The floor for any method that reads the values: one pass extracting train_loss.
+        out["one_json_pass_s"] = _median(lambda: _one_pass(factory, job_id), args.repeat)
         for n in args.resolution:
             def run(metric: str, n: int = n) -> None:
                 with factory() as s:
@@ -113,10 +135,12 @@ def main() -> None:
                     assert len(picked.rows) <= n
             out[f"downsample_train_loss_{n}_s"] = _median(lambda: run("train_loss"), args.repeat)
             out[f"downsample_val_loss_{n}_s"] = _median(lambda: run("val_loss"), args.repeat)
-            out[f"python_minmax_{n}_s"] = _median(
-                lambda n=n: python_minmax(factory, job_id, n), 1)
+        n = args.resolution[0]
+        out[f"python_minmax_{n}_s"] = _median(lambda: python_minmax(factory, job_id, n), 1)
         out["csv_s"] = _median(lambda: sum(len(c) for c in csv_rows(factory, job_id)), 1)
         out["csv_bytes"] = sum(len(c) for c in csv_rows(factory, job_id))
+        out["load_average_1m"] = round(os.getloadavg()[0], 1)
+        out["cpus"] = os.cpu_count()
         engine.dispose()
     print(json.dumps(out))
 

@@ -339,8 +339,12 @@ class Jobs:
 
     def wait(self, job_id: str, *, on_event: Callable[[Event], None] | None = None
              ) -> dict[str, Any]:
-        """Follow the job's events until it finishes; returns the job as it ended."""
-        with self.events(job_id) as stream:
+        """Follow the job's events until it finishes (from its current step on: the history
+        before it is not fetched); returns the job as it ended."""
+        job = self.get(job_id)
+        if job["status"] in TERMINAL_STATUSES:
+            return job
+        with self.events(job_id, after_step=(job.get("progress") or {}).get("step")) as stream:
             for event in stream:
                 if on_event is not None:
                     on_event(event)
