@@ -99,6 +99,7 @@ def _requests(w: World) -> list[tuple[str, str, str, dict[str, Any]]]:
         ("GET", "/v1/jobs/{job_id}", j, {}),
         ("POST", "/v1/jobs/{job_id}/cancel", f"{j}/cancel", {}),
         ("GET", "/v1/jobs/{job_id}/metrics", f"{j}/metrics", {}),
+        ("GET", "/v1/jobs/{job_id}/metrics.csv", f"{j}/metrics.csv", {}),
         ("GET", "/v1/jobs/{job_id}/events", f"{j}/events", {}),
         ("GET", "/v1/jobs/{job_id}/samples", f"{j}/samples", {}),
         ("GET", "/v1/jobs/{job_id}/result", f"{j}/result", {}),
@@ -190,6 +191,7 @@ _CROSS_PRINCIPAL: list[tuple[str, str, int]] = [
     ("GET", "/v1/jobs/{job_id}", 404),
     ("POST", "/v1/jobs/{job_id}/cancel", 404),
     ("GET", "/v1/jobs/{job_id}/metrics", 404),
+    ("GET", "/v1/jobs/{job_id}/metrics.csv", 404),
     ("GET", "/v1/jobs/{job_id}/events", 404),
     ("GET", "/v1/jobs/{job_id}/samples", 404),
     ("GET", "/v1/jobs/{job_id}/result", 404),
@@ -296,7 +298,7 @@ def test_an_admin_sees_and_manages_every_principals_resources(world: World) -> N
     assert listed == {world.dataset_id, b_ds}
     assert world.job_id in {j["id"] for j in c.get("/v1/jobs", headers=admin).json()["data"]}
     j = f"/v1/jobs/{world.job_id}"
-    for path in (j, f"{j}/metrics", f"{j}/samples", f"{j}/checkpoints",
+    for path in (j, f"{j}/metrics", f"{j}/metrics.csv", f"{j}/samples", f"{j}/checkpoints",
                  f"{j}/checkpoints/{world.checkpoint_id}/download",
                  f"/v1/datasets/{world.dataset_id}"):
         assert c.get(path, headers=admin).status_code == 200, path

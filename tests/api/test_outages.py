@@ -49,6 +49,7 @@ def _requests(
         ("GET", j, {}),
         ("POST", f"{j}/cancel", {}),
         ("GET", f"{j}/metrics", {}),
+        ("GET", f"{j}/metrics.csv", {}),
         ("GET", f"{j}/events", {}),
         ("GET", f"{j}/samples", {}),
         ("GET", f"{j}/result", {}),
