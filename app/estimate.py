@@ -7,9 +7,12 @@ job that cannot fit is the same 422 ``job_too_large`` with the numbers here as a
 submission), then answers with:
 
 - ``spec``: the spec with every default filled in (and ``init_from`` resolved);
-- ``vocab_size``: the upper bound of :func:`core.estimate.vocab_bound` (the tokenizer is
-  trained by the worker, so the exact size is not known yet) and where it comes from;
-- ``parameters`` (:func:`core.estimate.param_count` over that vocabulary);
+- ``vocab_size``: :func:`app.jobs.size_basis`: ``init_from``'s vocabulary, or
+  :func:`core.estimate.vocab_bound` with the dataset's exact per-tokenizer statistics (the
+  tokenizer is trained by the worker on the training split, so this is an upper bound) and
+  where it comes from;
+- ``parameters`` (:func:`core.estimate.param_count` over that vocabulary; a classify job:
+  its head over the training dataset's labels, not a decoder);
 - ``memory``: :func:`core.estimate.train_memory`, one training step's weights, gradients,
   optimizer state and activations of ``batch_size x seq_len`` (bytes), against the limit of
   the job's device class (``LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU``/``_CUDA``; ``auto``: the
@@ -92,8 +95,9 @@ class JobEstimate(BaseModel):
     warnings: list[str]
 
 
-def _memory(spec: JobSpec, vocab: int, settings: Settings) -> MemoryEstimate:
-    parts = train_memory(spec, vocab)
+def _memory(spec: JobSpec, vocab: int, settings: Settings,
+            num_labels: int | None = None) -> MemoryEstimate:
+    parts = train_memory(spec, vocab, num_labels)
     cls = device_class(spec.training.device)
     limits = {"cpu": settings.max_train_memory_bytes_cpu,
               "cuda": settings.max_train_memory_bytes_cuda}
@@ -148,15 +152,18 @@ def estimate_job(session: Session, principal: Principal, spec: JobSpec, settings
     except quotas.QuotaExceeded as exc:
         warnings.append(f"a submission now would be refused (429 quota_exceeded): "
                         f"{exc.message}")
-    bound = vocab_bound(spec, stats["train"])
-    memory = _memory(spec, bound.size, settings)
+    if getattr(spec, "task", "lm") == "ppo":
+        bound, num_labels = vocab_bound(spec, stats["train"]), None
+    else:
+        bound, num_labels = jobs.size_basis(session, principal, spec, stats["train"])
+    memory = _memory(spec, bound.size, settings, num_labels)
     got = calibrate(client, spec, bound.size, settings, warnings)
     cal, seconds = got if got is not None else (None, None)
     t = spec.training
     return JobEstimate(
         spec=spec.model_dump(mode="json"),
         vocab_size=VocabEstimate(size=bound.size, why=bound.why),
-        parameters=param_count(spec, bound.size),
+        parameters=param_count(spec, bound.size, num_labels),
         max_parameters=settings.max_params,
         memory=memory,
         seconds_per_step=seconds,

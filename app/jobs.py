@@ -22,6 +22,7 @@ from app import classify, notify, ppo, quotas
 from app.auth import Principal, owner_filter
 from app.datasets import dataset_ids_of, get_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
+from core.estimate import VocabBound, vocab_bound
 from core.spec import DatasetSource, JobSpec
 from core.splits import corpus_shortfall, estimate_split_tokens
 from core.textstats import TextStats, builtin_stats
@@ -161,6 +162,36 @@ def validate_sources(session: Session, principal: Principal,
     return stats
 
 
+def size_basis(session: Session, principal: Principal, spec: JobSpec,
+               train: TextStats) -> tuple[VocabBound, int | None]:
+    """The vocabulary a job's size is counted with and a classify job's number of labels
+    (None for a language model). The vocabulary: ``init_from``'s (the checkpoint's tokenizer
+    is the job's; its job's ``result.vocab_size``), else :func:`core.estimate.vocab_bound`
+    with the training dataset's exact statistics (``datasets.stats``; null for older rows:
+    the bound from ``train`` alone). The labels: the training dataset's ``labels``."""
+    row = None
+    assert spec.dataset is not None
+    if spec.dataset.id is not None:
+        try:
+            row = get_dataset(session, principal, spec.dataset.id)
+        except NotFound:
+            row = None
+    num_labels = None
+    if getattr(spec, "task", "lm") == "classify":
+        num_labels = len(getattr(row, "labels", None) or {}) or 2
+    init = getattr(spec, "init_from", None)
+    if init is not None:
+        try:
+            source = get_job(session, principal, init.job_id)
+            vocab = int((source.result or {}).get("vocab_size") or 0)
+        except NotFound:
+            vocab = 0
+        if vocab > 0:
+            return VocabBound(vocab, "init_from's checkpoint's vocabulary"), num_labels
+    exact = getattr(row, "stats", None)
+    return vocab_bound(spec, train, exact if isinstance(exact, dict) else None), num_labels
+
+
 def check_job(session: Session, principal: Principal, spec: JobSpec,
               settings: Settings | None) -> tuple[JobSpec, dict[str, TextStats]]:
     """The submission's checks but the quotas (:func:`validate_sources`, ``init_from``, and
@@ -172,8 +203,10 @@ def check_job(session: Session, principal: Principal, spec: JobSpec,
     stats = validate_sources(session, principal, spec)
     spec = classify.resolve_init_from(session, principal, spec)
     if settings is not None:
+        bound, num_labels = size_basis(session, principal, spec, stats["train"])
         quotas.check_job_size(spec, settings, stats["train"],
-                              estimate_split_tokens(spec, stats).get("validation"))
+                              estimate_split_tokens(spec, stats).get("validation"),
+                              bound, num_labels)
     return spec, stats
 
 

@@ -35,7 +35,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth import Principal, PrincipalDep
 from app.http_errors import error_response
 from core.errors import Conflict, LMForgeError, ValidationFailed
-from core.estimate import device_class, param_count, train_memory_bytes, vocab_bound
+from core.estimate import (
+    VocabBound,
+    device_class,
+    param_count,
+    train_memory_bytes,
+    vocab_bound,
+)
 from core.spec import JobSpec
 from core.textstats import TextStats
 from store.models import Dataset, Job, JobStatus
@@ -75,16 +81,21 @@ def _gib(n: int) -> str:
 
 
 def check_job_size(spec: JobSpec, settings: Settings, train: TextStats,
-                   validation_tokens: int | None) -> None:
+                   validation_tokens: int | None, bound: VocabBound | None = None,
+                   num_labels: int | None = None) -> None:
     """422 ``job_too_large`` when the spec's model has more than ``LMFORGE_MAX_PARAMS``
     parameters or its estimated training memory exceeds the limit of its device class
     (``auto``: the smaller of the CPU and CUDA limits, as it may run on either), both with
     the vocabulary's upper bound (:func:`core.estimate.vocab_bound` of ``train``, the main
     dataset's statistics). 422 ``eval_too_large`` when one evaluation would read more than
-    ``LMFORGE_MAX_EVAL_TOKENS`` of a ``validation_tokens``-token split."""
-    bound = vocab_bound(spec, train)
-    params = param_count(spec, bound.size)
-    memory = train_memory_bytes(spec, bound.size)
+    ``LMFORGE_MAX_EVAL_TOKENS`` of a ``validation_tokens``-token split.
+    ``bound``: the vocabulary to use instead (:func:`app.jobs.size_basis`: the dataset's
+    exact statistics, or ``init_from``'s vocabulary); ``num_labels``: a classify job's
+    classes (its head, :func:`core.estimate.param_count`)."""
+    if bound is None:
+        bound = vocab_bound(spec, train)
+    params = param_count(spec, bound.size, num_labels)
+    memory = train_memory_bytes(spec, bound.size, num_labels)
     cls = device_class(spec.training.device)
     limits = {"cpu": settings.max_train_memory_bytes_cpu,
               "cuda": settings.max_train_memory_bytes_cuda}

@@ -32,7 +32,7 @@ Training memory (bytes; an estimate of the peak of one optimizer step, not a mea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from core.spec import JobSpec
 from core.textstats import TextStats
@@ -57,13 +57,27 @@ def lstm_params(embed_dim: int, hidden_dim: int, num_layers: int) -> int:
     return total
 
 
-def param_count(spec: JobSpec, vocab_size: int) -> int:
+def _is_classify(spec: JobSpec) -> bool:
+    return getattr(spec, "task", "lm") == "classify"
+
+
+def param_count(spec: JobSpec, vocab_size: int, num_labels: int | None = None) -> int:
     """Parameters of the spec's model over a vocabulary of ``vocab_size`` tokens (a tied
-    decoder weight counted once), as ``sum(p.numel() for p in model.parameters())``."""
+    decoder weight counted once), as ``sum(p.numel() for p in model.parameters())``.
+
+    A ``task: "classify"`` job has no decoder: its head is ``nn.Linear(H, num_labels)``
+    (``H x num_labels`` weight and ``num_labels`` bias,
+    :class:`worker.engine.classifier.LSTMClassifier`); ``num_labels`` is then required
+    (ValueError without it)."""
     m = spec.model
     v = vocab_size
-    decoder = v if m.tie_weights else m.hidden_dim * v + v
-    return v * m.embed_dim + lstm_params(m.embed_dim, m.hidden_dim, m.num_layers) + decoder
+    if _is_classify(spec):
+        if num_labels is None:
+            raise ValueError("a classify job's parameters need num_labels")
+        head = m.hidden_dim * num_labels + num_labels
+    else:
+        head = v if m.tie_weights else m.hidden_dim * v + v
+    return v * m.embed_dim + lstm_params(m.embed_dim, m.hidden_dim, m.num_layers) + head
 
 
 def _optimizer_copies(spec: JobSpec) -> int:
@@ -75,16 +89,21 @@ def _optimizer_copies(spec: JobSpec) -> int:
     return 1 if o.momentum > 0 else 0
 
 
-def activation_bytes(spec: JobSpec, vocab_size: int) -> int:
-    """Activations kept for the backward pass of one ``batch_size x seq_len`` step (bytes)."""
+def activation_bytes(spec: JobSpec, vocab_size: int, num_labels: int | None = None) -> int:
+    """Activations kept for the backward pass of one ``batch_size x seq_len`` step (bytes).
+    A classify job: ``batch_size x classify.max_len`` positions, and ``batch_size x
+    num_labels`` logits in place of the ``N x V`` ones."""
     t, m = spec.training, spec.model
-    n = t.batch_size * t.seq_len
+    classify = _is_classify(spec) and spec.classify is not None
+    n = t.batch_size * (spec.classify.max_len if classify and spec.classify else t.seq_len)
     a = 2 if t.precision == "bf16" else 4
     e, h, v = m.embed_dim, m.hidden_dim, vocab_size
     total = 4 * n * e  # embedding output (fp32: nn.Embedding is not autocast)
     total += m.num_layers * 6 * n * h * a  # gates (4H) + cell and hidden state per layer
     if m.dropout > 0:  # embedding, between layers, LSTM output: output + 1-byte mask
         total += n * e * (a + 1) + m.num_layers * n * h * (a + 1)
+    if classify:  # pooled: one row of num_labels logits per example
+        n, v = t.batch_size, num_labels or 0
     total += n * v * a + 8 * n * v  # logits, fp32 log-softmax and its gradient
     if a == 2:
         total += 4 * n * v  # the fp32 copy of bf16 logits the loss takes
@@ -105,18 +124,19 @@ class TrainMemory:
         return self.weights + self.gradients + self.optimizer_state + self.activations
 
 
-def train_memory(spec: JobSpec, vocab_size: int) -> TrainMemory:
-    """Estimated peak memory of one training step, by part (module docstring)."""
-    p = param_count(spec, vocab_size)
+def train_memory(spec: JobSpec, vocab_size: int, num_labels: int | None = None) -> TrainMemory:
+    """Estimated peak memory of one training step, by part (module docstring;
+    ``num_labels``: a classify job's, as :func:`param_count`)."""
+    p = param_count(spec, vocab_size, num_labels)
     return TrainMemory(weights=4 * p, gradients=4 * p,
                        optimizer_state=4 * p * _optimizer_copies(spec),
-                       activations=activation_bytes(spec, vocab_size))
+                       activations=activation_bytes(spec, vocab_size, num_labels))
 
 
-def train_memory_bytes(spec: JobSpec, vocab_size: int) -> int:
+def train_memory_bytes(spec: JobSpec, vocab_size: int, num_labels: int | None = None) -> int:
     """Estimated peak memory of one training step (bytes): weights, gradients, optimizer state
     and activations (module docstring; :func:`train_memory` gives the parts)."""
-    return train_memory(spec, vocab_size).total
+    return train_memory(spec, vocab_size, num_labels).total
 
 
 def _distinct_chars_bound(stats: TextStats) -> int:
@@ -139,7 +159,8 @@ class VocabBound:
     why: str  # where the bound comes from, for the user's message
 
 
-def vocab_bound(spec: JobSpec, train: TextStats) -> VocabBound:
+def vocab_bound(spec: JobSpec, train: TextStats,
+                exact: dict[str, Any] | None = None) -> VocabBound:
     """An upper bound on the vocabulary the engine's tokenizer
     (``worker.engine.tokenizers.build_tokenizer``) makes of a training text with statistics
     ``train`` (the whole dataset's statistics bound its training split's).
@@ -148,8 +169,20 @@ def vocab_bound(spec: JobSpec, train: TextStats) -> VocabBound:
     - ``word``: ``<unk>``, ``<eos>`` plus the words seen at least ``min_freq`` times
       (at most ``num_words // min_freq``), cut at ``max_vocab``.
     - ``bpe``: ``vocab_size``, but never below the 256-byte initial alphabet.
+
+    ``exact``: the dataset's statistics per tokenizer kind (``datasets.stats``,
+    :mod:`core.datasetstats`, counted over the whole dataset, so the exact vocabulary of a
+    tokenizer trained on all of it and a bound for a training split), used when present:
+    ``char``: its ``vocab``; ``word``: its ``vocab`` (``min_freq`` 1), less the
+    ``singletons`` with ``min_freq`` 2 (exact), the smaller of that and the bound above with
+    ``min_freq`` > 2, then cut at ``max_vocab`` as the tokenizer cuts; not when the word
+    counts were ``truncated``. ``bpe`` keeps ``vocab_size`` (the statistics hold an estimate).
     """
     tok = spec.tokenizer
+    if exact:
+        got = _exact_vocab(spec, train, exact)
+        if got is not None:
+            return got
     if tok.kind == "char":
         return VocabBound(1 + _distinct_chars_bound(train),
                           "<unk> plus at most one id per distinct character of the dataset")
@@ -160,6 +193,28 @@ def vocab_bound(spec: JobSpec, train: TextStats) -> VocabBound:
         return VocabBound(words, "<unk>, <eos> and at most every word of the dataset seen "
                                  "min_freq times (set tokenizer.max_vocab to bound it)")
     return VocabBound(max(tok.vocab_size, BPE_ALPHABET), "tokenizer.vocab_size")
+
+
+def _exact_vocab(spec: JobSpec, train: TextStats, exact: dict[str, Any]) -> VocabBound | None:
+    tok = spec.tokenizer
+    entry = exact.get(tok.kind)
+    if not isinstance(entry, dict) or not isinstance(entry.get("vocab"), int):
+        return None
+    if tok.kind == "char":
+        return VocabBound(int(entry["vocab"]), "<unk> plus the dataset's distinct characters "
+                                               "(its statistics)")
+    if tok.kind != "word" or entry.get("truncated"):
+        return None
+    size = int(entry["vocab"])
+    if tok.min_freq == 2 and isinstance(entry.get("singletons"), int):
+        size -= int(entry["singletons"])
+    elif tok.min_freq > 2:
+        size = min(size - int(entry.get("singletons") or 0),
+                   2 + train.num_words // tok.min_freq)
+    why = "<unk>, <eos> and the dataset's distinct words seen min_freq times (its statistics)"
+    if tok.max_vocab is not None and tok.max_vocab < size:
+        return VocabBound(max(2, tok.max_vocab), "tokenizer.max_vocab")
+    return VocabBound(size, why)
 
 
 def device_class(device: str) -> DeviceClass | None:

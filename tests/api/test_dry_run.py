@@ -39,6 +39,12 @@ def service(tmp_path: Path, **env: Any) -> Iterator[tuple[TestClient, RecordingE
         yield c, enqueuer
 
 
+def _exact(client: TestClient, dataset_id: str) -> dict[str, Any]:
+    """The dataset's per-tokenizer statistics (its exact vocabularies, core.datasetstats)."""
+    stats: dict[str, Any] = client.get(f"/v1/datasets/{dataset_id}").json()["stats"]
+    return stats
+
+
 def _count(client: TestClient, model: Any) -> int:
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
         return int(s.scalar(select(func.count()).select_from(model)) or 0)
@@ -81,7 +87,7 @@ def test_the_numbers_are_those_of_core_estimate(tmp_path: Path) -> None:
         spec = JobSpec.model_validate(body)
         assert est["spec"] == spec.model_dump(mode="json")  # every default filled in
         assert est["spec"]["optimizer"]["name"] == "adam" and est["dry_run"] is True
-        bound = vocab_bound(spec, _stats(c, ds))
+        bound = vocab_bound(spec, _stats(c, ds), _exact(c, ds))
         assert est["vocab_size"] == {"size": bound.size, "why": bound.why}
         assert est["parameters"] == param_count(spec, bound.size)
         parts = train_memory(spec, bound.size)
@@ -104,7 +110,7 @@ def test_the_numbers_are_those_of_core_estimate(tmp_path: Path) -> None:
 
 def test_a_job_too_large_is_the_same_422_with_the_numbers_at_dry_run_and_submission(
         tmp_path: Path) -> None:
-    with service(tmp_path, LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU=500_000) as (c, _):
+    with service(tmp_path, LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU=100_000) as (c, _):
         ds = upload(c).json()["id"]
         big = small_spec(ds, batch_size=16, seq_len=32, device="cpu")
         dry = c.post("/v1/jobs?dry_run=true", json=big)
@@ -113,10 +119,10 @@ def test_a_job_too_large_is_the_same_422_with_the_numbers_at_dry_run_and_submiss
         d_err, r_err = dry.json()["error"], real.json()["error"]
         assert d_err == r_err and d_err["code"] == "job_too_large"
         numbers = d_err["details"][0]
-        assert numbers["max_train_memory_bytes"] == 500_000
-        assert numbers["train_memory_bytes"] > 500_000
+        assert numbers["max_train_memory_bytes"] == 100_000
+        assert numbers["train_memory_bytes"] > 100_000
         spec = JobSpec.model_validate(big)
-        bound = vocab_bound(spec, _stats(c, ds))
+        bound = vocab_bound(spec, _stats(c, ds), _exact(c, ds))
         assert numbers["train_memory_bytes"] == train_memory_bytes(spec, bound.size)
         assert numbers["vocab_size_bound"] == bound.size
         # The message shows them: the estimate (bytes and GiB), the limit, the batch shape.
