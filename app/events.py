@@ -67,6 +67,8 @@ STREAM_CLIENT_NAME = "lmforge-events-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 HEARTBEAT = b": heartbeat\n\n"
 
+#: The ids this stream sends (``<step>`` or ``<step>:<checkpoint id>``), or nothing.
+LAST_EVENT_ID_PATTERN = r"^(\d{1,10}(:[a-z]+_[0-9a-f]{32})?)?$"
 _ID_RE = re.compile(r"^(\d{1,10})(?::([a-z]+_[0-9a-f]{32}))?$")
 
 
@@ -85,14 +87,15 @@ class Position:
 def parse_position(last_event_id: str | None, after_step: int | None) -> Position:
     """The position a request resumes from: ``Last-Event-ID`` (``<step>`` or
     ``<step>:<checkpoint id>``, as this stream sends them) wins over ``?after_step=``. Raises
-    :class:`ValidationFailed` (422) naming ``Last-Event-ID`` when it is malformed."""
+    :class:`ValidationFailed` (422) naming ``Last-Event-ID`` when it is malformed. A step past
+    the largest a job can have (2^31 - 1) means "after every step"."""
     if last_event_id is not None and last_event_id.strip():
         m = _ID_RE.fullmatch(last_event_id.strip())
-        if m is None or int(m.group(1)) > MAX_INT32:
+        if m is None:
             raise ValidationFailed(
                 f"Last-Event-ID must be an event id this stream sent (a step, or "
                 f"<step>:<checkpoint id>), not {last_event_id[:60]!r}", field="Last-Event-ID")
-        return Position(int(m.group(1)), m.group(2))
+        return Position(min(int(m.group(1)), MAX_INT32), m.group(2))
     return Position(after_step or 0)
 
 

@@ -12,7 +12,13 @@ from fastapi.responses import Response
 from app import jobs, quotas
 from app.auth import PrincipalDep
 from app.deps import SettingsDep
-from app.events import EventStreamResponse, JobEventStream, open_streams, parse_position
+from app.events import (
+    LAST_EVENT_ID_PATTERN,
+    EventStreamResponse,
+    JobEventStream,
+    open_streams,
+    parse_position,
+)
 from app.http_errors import ErrorBody
 from app.params import AfterStepQuery, JobIdPath
 
@@ -30,10 +36,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
                                              "streams are open (quota_exceeded)"},
 }
 LastEventIdHeader = Annotated[
-    str | None,
-    Header(alias="Last-Event-ID", max_length=200,
+    str,
+    Header(alias="Last-Event-ID", pattern=LAST_EVENT_ID_PATTERN,
            description="the last event id received (a reconnecting EventSource sends it): "
-                       "only what comes after it is sent; wins over after_step"),
+                       "a step, or <step>:<checkpoint id>; only what comes after it is "
+                       "sent; wins over after_step"),
 ]
 
 
@@ -44,7 +51,7 @@ def job_events(
     principal: PrincipalDep,
     settings: SettingsDep,
     after_step: AfterStepQuery | None = None,
-    last_event_id: LastEventIdHeader = None,
+    last_event_id: LastEventIdHeader = "",
 ) -> Response:
     """The job's events as Server-Sent Events: its current ``status``, the ``metrics`` rows
     after ``Last-Event-ID`` / ``after_step`` (each with ``id:`` its step) and the

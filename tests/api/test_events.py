@@ -191,6 +191,7 @@ def test_a_cancelled_queued_job_ends_at_once(client: TestClient, dataset_id: str
     (None, 4, ["5", "ckpt5"]),
     ("4", 1, ["5", "ckpt5"]),  # the header wins
     ("5:{c5}", None, []),
+    ("9999999999", None, []),  # past any step a job can have: after all of them
     ("0", None, ["1", "2", "3", "ckpt3", "4", "5", "ckpt5"]),
 ])
 def test_resume_sends_exactly_what_comes_after_the_position(
@@ -208,7 +209,7 @@ def test_resume_sends_exactly_what_comes_after_the_position(
     assert [e.event for e in events][-2:] == ["warning", "status"]
 
 
-@pytest.mark.parametrize("bad", ["x", "-1", "3:", "3:ckpt_zz", "99999999999", "1.5"])
+@pytest.mark.parametrize("bad", ["x", "-1", "3:", "3:ckpt_zz", "99999999999", "1.5", "0" * 200])
 def test_a_malformed_last_event_id_is_a_422_naming_it(
     client: TestClient, finished: dict[str, Any], bad: str
 ) -> None:
