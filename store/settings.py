@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # Per principal (admins are exempt; 0 = no limit): jobs running and jobs queued when a job
     # is submitted (429 quota_exceeded), bytes of stored datasets (409 quota_exceeded),
     # requests per minute (429 rate_limited with Retry-After, counted in Redis at REDIS_URL),
-    # concurrent event streams (none exist yet: app.quotas.stream_slot).
+    # concurrent event streams per API process (GET /v1/jobs/{id}/events, app.quotas.stream_slot).
     quota_running_jobs: int = Field(default=4, ge=0, alias="LMFORGE_QUOTA_RUNNING_JOBS")
     quota_queued_jobs: int = Field(default=20, ge=0, alias="LMFORGE_QUOTA_QUEUED_JOBS")
     quota_dataset_bytes: int = Field(default=10 * 1024**3, ge=0,
