@@ -148,6 +148,9 @@ def _check_names(options: IngestOptions) -> None:
 
 def _fail(file: str, line: int | None, message: str, fld: str | None = None,
           param: str = "file") -> ValidationFailed:
+    """422 with the file and line in the message and details; the error's ``field`` is
+    ``param``: ``file``, or for a record's named field (``fld``) the parameter that names it
+    (``text_field``/``label_field``), for JSON Lines as for CSV/TSV."""
     where = f"{file}, line {line}" if line is not None else file
     detail: dict[str, Any] = {"file": file}
     if line is not None:
@@ -343,12 +346,12 @@ class _Examples:
         text = _text_value(text, file, line, options.text_field)
         if not text.strip():
             raise _fail(file, line, f"field {options.text_field!r} is empty",
-                        options.text_field)
+                        options.text_field, param="text_field")
         label = _label_value(label, file, line, options.label_field)
         if label not in self.labels and len(self.labels) >= MAX_LABELS:
             raise _fail(file, line, f"more than {MAX_LABELS} distinct labels in field "
                                     f"{options.label_field!r}: is it the label column?",
-                        options.label_field)
+                        options.label_field, param="label_field")
         self.labels[label] += 1
         self.count += 1
         self._observe(text + "\n")
@@ -369,7 +372,8 @@ def _type_name(value: Any) -> str:
 
 def _text_value(value: Any, file: str, line: int, name: str) -> str:
     if not isinstance(value, str):
-        raise _fail(file, line, f"field {name!r} is {_type_name(value)}, not a string", name)
+        raise _fail(file, line, f"field {name!r} is {_type_name(value)}, not a string", name,
+                    param="text_field")
     return normalise_line_ends(value)
 
 
@@ -378,19 +382,20 @@ def _label_value(value: Any, file: str, line: int, name: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise _fail(file, line, f"field {name!r} is {_type_name(value)}, not a string "
-                                "(or an integer)", name)
+                                "(or an integer)", name, param="label_field")
     value = value.strip()
     if not value:
-        raise _fail(file, line, f"field {name!r} (the label) is empty", name)
+        raise _fail(file, line, f"field {name!r} (the label) is empty", name,
+                    param="label_field")
     if len(value) > MAX_LABEL_CHARS or CONTROL_CHARS.search(value):
         raise _fail(file, line, f"field {name!r} (the label) must be at most "
                                 f"{MAX_LABEL_CHARS} characters without control characters",
-                    name)
+                    name, param="label_field")
     return value
 
 
-def _missing(file: str, line: int, name: str, what: str) -> ValidationFailed:
-    return _fail(file, line, f"{what} has no field {name!r}", name)
+def _missing(file: str, line: int, name: str, what: str, param: str) -> ValidationFailed:
+    return _fail(file, line, f"{what} has no field {name!r}", name, param=param)
 
 
 def _jsonl(raw: RawFile, pieces: Iterator[str], options: IngestOptions,
@@ -407,12 +412,13 @@ def _jsonl(raw: RawFile, pieces: Iterator[str], options: IngestOptions,
         if not isinstance(record, dict):
             raise _fail(raw.name, number, f"expected a JSON object, got {_type_name(record)}")
         if options.text_field not in record:
-            raise _missing(raw.name, number, options.text_field, "the object")
+            raise _missing(raw.name, number, options.text_field, "the object", "text_field")
         label = None
         if labelled:
             assert options.label_field is not None
             if options.label_field not in record:
-                raise _missing(raw.name, number, options.label_field, "the object")
+                raise _missing(raw.name, number, options.label_field, "the object",
+                               "label_field")
             label = record[options.label_field]
         emit(record[options.text_field], label, number)
 

@@ -16,6 +16,7 @@ from app.http_errors import ErrorBody
 from app.params import AfterQuery, DatasetIdPath
 from app.routes.uploads import receive_files
 from app.schemas import DatasetList, DatasetOut
+from core.errors import ValidationFailed
 from core.ingest import IngestOptions, check_options
 from core.spec import NO_CONTROL_PATTERN
 
@@ -54,8 +55,9 @@ _FIELD = {"min_length": 1, "max_length": 200, "pattern": NO_CONTROL_PATTERN}
 FormatQuery = Annotated[Literal["text", "jsonl", "csv", "tsv"], Query(
     description="the files' format: text (UTF-8 text), jsonl (one JSON object per line), csv "
                 "(with quoting) or tsv (tab-separated, no quoting)")]
-TextFieldQuery = Annotated[str, Query(
-    description="jsonl/csv/tsv: the field (column) holding the text", **_FIELD)]
+TextFieldQuery = Annotated[str | None, Query(
+    description="jsonl/csv/tsv: the field (column) holding the text (default \"text\"; "
+                "format text: a 422, a text file has no fields)", **_FIELD)]
 LabelFieldQuery = Annotated[str | None, Query(
     description="jsonl/csv/tsv: the field (column) holding the label; makes the dataset "
                 "labelled (JSON Lines of {text, label})", **_FIELD)]
@@ -65,10 +67,14 @@ ColumnsQuery = Annotated[str | None, Query(
     min_length=1, max_length=2000, pattern=NO_CONTROL_PATTERN)]
 
 
-def _options(fmt: str, text_field: str, label_field: str | None,
+def _options(fmt: str, text_field: str | None, label_field: str | None,
              columns: str | None) -> IngestOptions:
+    if fmt == "text" and text_field is not None:  # else silently unused
+        raise ValidationFailed("text_field needs a format with fields: jsonl, csv or tsv "
+                               "(format=text stores each line as it is)", field="text_field")
     cols = None if columns is None else tuple(c.strip() for c in columns.split(","))
-    options = IngestOptions(format=fmt, text_field=text_field, label_field=label_field,
+    options = IngestOptions(format=fmt, text_field=text_field or "text",
+                            label_field=label_field,
                             columns=cols)
     check_options(options)
     return options
@@ -95,7 +101,7 @@ async def upload_dataset(
     principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
     format: FormatQuery = "text",
-    text_field: TextFieldQuery = "text",
+    text_field: TextFieldQuery = None,
     label_field: LabelFieldQuery = None,
     columns: ColumnsQuery = None,
 ) -> DatasetOut:

@@ -260,7 +260,9 @@ def test_bad_records_are_422_naming_the_file_line_and_field(
     err = error(post(client, ("docs.jsonl", data), **params))
     message, fld = where
     assert err["message"].startswith(message), err
-    assert err["field"] == "file"
+    # A record's named field: the parameter that names it (as CSV's missing column); else
+    # the file. The file and line are in the message either way.
+    assert err["field"] == {"text": "text_field", "label": "label_field"}.get(fld or "", "file")
     detail = {"file": "docs.jsonl", "line": int(message.split("line ")[1].split(":")[0])}
     if fld is not None:
         detail["field"] = fld
@@ -282,6 +284,8 @@ def test_a_missing_column_names_the_parameter_and_the_columns(client: TestClient
 
 @pytest.mark.parametrize(("params", "field"), [
     ({"label_field": "label"}, "label_field"),  # a label needs fields: jsonl/csv/tsv
+    ({"text_field": "sentence"}, "text_field"),  # format text has no fields either
+    ({"format": "text", "text_field": "text"}, "text_field"),
     ({"format": "jsonl", "columns": "text,label"}, "columns"),
     ({"format": "xml"}, "format"),
     ({"format": "tsv", "columns": "a,b"}, "text_field"),  # text is not one of the columns
@@ -642,3 +646,14 @@ def test_word_counting_stops_adding_words_past_its_bound() -> None:
     assert counter.truncated and stats["truncated"] is True
     assert counter.words == {"a": 3, "b": 1, "c": 1, "d": 1}  # e and f were not added
     assert stats["tokens"] == 8 + 2 and stats["vocab"] == 2 + 4
+
+
+def test_a_missing_field_names_the_parameter_in_jsonl_as_in_csv(client: TestClient) -> None:
+    for name, data, fmt in (("a.jsonl", b'{"sentence": "hi", "stars": 5}\n', "jsonl"),
+                            ("a.csv", b"sentence,stars\nhi,5\n", "csv")):
+        err = error(post(client, (name, data), format=fmt, text_field="sentence",
+                         label_field="label"))
+        assert err["field"] == "label_field", err
+        assert err["message"].startswith(f"{name}, line 1: "), err
+        err = error(post(client, (name, data), format=fmt, text_field="body"))
+        assert err["field"] == "text_field" and "'body'" in err["message"], err
