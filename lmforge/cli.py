@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokenise the texts in memory, without reading or writing the cache")
     train.set_defaults(func=_cmd_train)
 
-    sample = sub.add_parser("sample", help="sample text from a checkpoint file")
-    sample.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
+    sample = sub.add_parser("sample", help="sample text from a checkpoint or exported model")
+    sample.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a .safetensors checkpoint or exported model (lmforge.model.v1)")
     sample.add_argument("--prompt", default="")
     sample.add_argument("--max-new-tokens", type=int, default=200)
     sample.add_argument("--temperature", type=float, default=1.0)

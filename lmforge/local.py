@@ -465,10 +465,27 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
     return 0
 
 
+def _is_exported_model(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose header says ``lmforge.model.v1`` (an
+    export); False for anything else (a checkpoint, or not safetensors: the checkpoint
+    reader then says what is wrong)."""
+    from safetensors import SafetensorError, safe_open
+
+    from lmforge.loader import MODEL_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == MODEL_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def sample_command(checkpoint_path: Path, prompt: str = "", max_new_tokens: int = 200,
                    temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> int:
     """Print a sample from the checkpoint file (sha256 checked against its ``.sha256``
-    sidecar when there is one). Exit code 0, or 1 with the error on stderr."""
+    sidecar when there is one), or from an exported model (``lmforge.model.v1``,
+    ``GET .../export?format=safetensors``: sampled by :func:`lmforge.loader.load`'s
+    ``generate`` with the same options). Exit code 0, or 1 with the error on stderr."""
     from worker.engine.sample import sample
 
     try:
@@ -479,7 +496,14 @@ def sample_command(checkpoint_path: Path, prompt: str = "", max_new_tokens: int 
             if hashlib.sha256(data).hexdigest() != expected:
                 raise TrainingError("invalid_checkpoint",
                                     f"{checkpoint_path} does not match its sha256 sidecar")
-        print(sample(data, prompt, max_new_tokens, temperature, top_k, seed))
+        if _is_exported_model(checkpoint_path):
+            from lmforge.loader import load
+
+            # The prompt and its continuation, as worker.engine.sample prints a checkpoint's.
+            print(prompt + load(checkpoint_path).generate(prompt, max_new_tokens, temperature,
+                                                          top_k, seed))
+        else:
+            print(sample(data, prompt, max_new_tokens, temperature, top_k, seed))
     except (OSError, ValueError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

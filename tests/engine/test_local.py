@@ -343,3 +343,24 @@ def test_resume_after_a_stop_mid_validation_keeps_each_step_once(
 
     assert untimed(rows) == untimed(expected)
     _assert_every_checkpoint_file_is_listed(out)
+
+
+def test_sample_command_reads_an_exported_model_as_its_checkpoint(
+        tmp_path: Path, small_text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.loader import load
+    from worker.engine.export import export_checkpoint
+
+    spec = _write_spec(tmp_path, small_text, max_steps=4)
+    assert train_command(spec, tmp_path / "out") == 0
+    ckpt = tmp_path / "out" / "best.safetensors"
+    exported = tmp_path / "model.safetensors"  # GET .../export?format=safetensors
+    exported.write_bytes(export_checkpoint(ckpt.read_bytes(), "safetensors"))
+    capsys.readouterr()
+    assert main(["sample", str(exported), "--prompt", "Fir", "--max-new-tokens", "12",
+                 "--top-k", "5", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text == "Fir" + load(exported).generate("Fir", 12, 1.0, 5, 3) + "\n"
+    assert sample_command(ckpt, "Fir", 12, 1.0, 5, 3) == 0  # the checkpoint samples the same
+    assert capsys.readouterr().out == text
+    assert sample_command(exported, "a", 5, 1.0, -3) == 1  # the same options are checked
+    assert "top_k" in capsys.readouterr().err
