@@ -217,10 +217,10 @@ _publishers_lock = threading.Lock()
 _configured: Settings | None = None
 
 
-def configure(settings: Settings) -> None:
+def configure(settings: Settings | None) -> None:
     """Make ``settings`` (``REDIS_URL``, ``LMFORGE_EVENTS_*``) the ones the events committed
     through :func:`publish_on_commit` use (the worker calls it with its settings; without it,
-    :func:`store.settings.get_settings`)."""
+    or after ``configure(None)``, :func:`store.settings.get_settings`)."""
     global _configured
     _configured = settings
 

@@ -44,14 +44,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, own_redis: RedisServer) -> Settings:
+def settings(tmp_path: Path, own_redis: RedisServer) -> Iterator[Settings]:
     s = Settings(LMFORGE_HOME=tmp_path / "home",
                  DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}", REDIS_URL=own_redis.url,
                  LMFORGE_RATE_LIMIT_PER_MINUTE=0, LMFORGE_EVENTS_MAXLEN=100,
                  LMFORGE_EVENTS_TTL_S=120, LMFORGE_EVENTS_POLL_S=0.05,
                  LMFORGE_EVENTS_HEARTBEAT_S=0.5)
     events.configure(s)
-    return s
+    yield s
+    events.configure(None)
 
 
 def _job(settings: Settings) -> tuple[Any, str]:

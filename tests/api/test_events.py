@@ -51,13 +51,14 @@ WARNING = {"code": "fresh_state_gap", "message": "from a fresh (zero) hidden sta
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path) -> Iterator[Settings]:
     s = Settings(LMFORGE_HOME=tmp_path / "home", DATABASE_URL=f"sqlite:///{tmp_path / 'api.db'}",
                  REDIS_URL=NO_REDIS, LMFORGE_RATE_LIMIT_PER_MINUTE=0,
                  LMFORGE_EVENTS_HEARTBEAT_S=0.3, LMFORGE_EVENTS_POLL_S=0.05,
                  LMFORGE_QUOTA_STREAMS=2)
     store_events.configure(s)  # what this process's commits publish (to no Redis)
-    return s
+    yield s
+    store_events.configure(None)
 
 
 # -- reading SSE ------------------------------------------------------------------------------
