@@ -77,17 +77,19 @@ def test_a_model_with_billions_of_parameters_is_422_job_too_large_with_the_numbe
 def test_training_memory_over_the_device_class_limit_is_422_with_the_numbers(
     tmp_path: Path,
 ) -> None:
-    with service(tmp_path, LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU=500_000,
+    with service(tmp_path, LMFORGE_MAX_TRAIN_MEMORY_BYTES_CPU=200_000,
                  LMFORGE_MAX_TRAIN_MEMORY_BYTES_CUDA=10**12) as c:
         ds = upload(c).json()["id"]
-        # 16 x 32 positions: the logits of a 129-token vocabulary alone take 16 x 32 x 129 x
-        # 12 bytes = 793 KB.
+        # 16 x 32 positions: the logits of the corpus's 29-token vocabulary (<unk> and its 28
+        # distinct characters, from the dataset's statistics) alone take 16 x 32 x 29 x 12
+        # bytes = 178 KB.
         big = {**small_spec(ds), "training": {"batch_size": 16, "seq_len": 32,
                                               "device": "cpu"}}
         err = _error(c.post("/v1/jobs", json=big), 422, "job_too_large")
         d = err["details"][0]
-        assert d["device_class"] == "cpu" and d["max_train_memory_bytes"] == 500_000
-        assert d["train_memory_bytes"] > 16 * 32 * 129 * 12
+        assert d["device_class"] == "cpu" and d["max_train_memory_bytes"] == 200_000
+        assert d["vocab_size_bound"] == 29
+        assert d["train_memory_bytes"] > 16 * 32 * 29 * 12
         assert f"{d['train_memory_bytes']:,} bytes" in err["message"]
         assert err["field"] == "training.batch_size"
         # The same job fits the CUDA limit; "auto" may land on the CPU, so it must fit both.
@@ -104,9 +106,16 @@ def test_an_unbounded_word_vocabulary_counts_as_every_word_until_max_vocab_bound
     # embed 8, hidden 8: 722 x (8 + 8 + 1) + 576 = 12,850 parameters with 722 words; 2,276
     # with 100.
     with service(tmp_path, LMFORGE_MAX_PARAMS=10_000) as c:
-        ds = upload(c).json()["id"]  # 720 words: the bound is 722
+        ds = upload(c).json()["id"]  # 720 words, 8 distinct
         spec = {**small_spec(ds), "tokenizer": {"kind": "word"},
                 "model": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1}}
+        # With the dataset's statistics the vocabulary is exact: <unk>, <eos> and 8 words.
+        r = c.post("/v1/jobs?dry_run=true", json=spec)
+        assert r.status_code == 200 and r.json()["vocab_size"]["size"] == 10, r.text
+        # A row without statistics (uploaded before they were counted): the bound is 722.
+        with c.app.state.session_factory() as s:  # type: ignore[attr-defined]
+            s.execute(update(Dataset).where(Dataset.id == ds).values(stats=None))
+            s.commit()
         err = _error(c.post("/v1/jobs", json=spec), 422, "job_too_large")
         assert err["details"][0]["vocab_size_bound"] == 722
         assert "tokenizer.max_vocab" in err["message"]
