@@ -10,7 +10,11 @@ import random
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
+from store.models import Job
+from tests.api.test_classify_submit import LM, add_labelled, add_lm_job, classify_spec
 from tests.api.test_dry_run import service
 from worker.engine.classifier import LSTMClassifier
 from worker.engine.model import ModelConfig
@@ -66,3 +70,19 @@ def test_a_21m_parameter_classifier_is_not_refused_as_a_language_model(
         lstm = 4 * (512 * 2048 + 2048 * 2048 + 2 * 2048)
         assert est.json()["parameters"] == v * 512 + lstm + 2048 * 3 + 3  # ~21M, no decoder
         assert c.post("/v1/jobs", json=body).status_code == 201
+
+
+def test_init_from_counts_the_checkpoints_vocabulary(
+        client: TestClient, session_factory: sessionmaker[Session]) -> None:
+    ds = add_labelled(session_factory, labels={"a": 1, "b": 1, "c": 1, "d": 1})
+    lm_id, _ = add_lm_job(session_factory, LM)
+    with session_factory() as s:  # the language model's tokenizer had 437 tokens
+        s.execute(update(Job).where(Job.id == lm_id).values(result={"vocab_size": 437}))
+        s.commit()
+    r = client.post("/v1/jobs?dry_run=true",
+                    json=classify_spec(ds, init_from={"job_id": lm_id}))
+    assert r.status_code == 200, r.text
+    est = r.json()
+    assert est["vocab_size"]["size"] == 437 and "init_from" in est["vocab_size"]["why"]
+    model = LSTMClassifier(ModelConfig(437, 24, 40, 2, 0.0, False), 4, "mean")  # LM's dims
+    assert est["parameters"] == sum(p.numel() for p in model.parameters())
