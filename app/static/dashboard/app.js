@@ -858,6 +858,7 @@
     // Job form, defaults from the JobSpec schema of the OpenAPI document
     const fields = [];
     const sections = [];
+    const split = [];  // the top-level numbers: how much of the dataset is held out
     const name = h("input", { type: "text", id: "f-name", name: "name", placeholder: "(none)" });
     for (const [key, prop] of Object.entries(jobSpec.properties)) {
       const target = resolve(doc, prop);
@@ -871,9 +872,10 @@
         sections.push(h("fieldset", { class: "section" }, h("legend", { text: key }), inputs));
       } else if (["val_fraction", "test_fraction"].includes(key)) {
         const f = fieldInput(doc, key, prop, prop.default);
-        if (f) { sections.unshift(f); fields.push(f.querySelector("input,select")); }
+        if (f) { split.push(f); fields.push(f.querySelector("input,select")); }
       }
     }
+    if (split.length) sections.unshift(h("fieldset", { class: "section" }, h("legend", { text: "data split" }), split));
     const extra = h("textarea", { id: "f-extra", rows: 3,
       placeholder: "{\"training\": {\"early_stopping\": {\"patience\": 5}}}" });
     const submitMsg = h("div", { id: "submit-message", role: "alert" });
