@@ -34,7 +34,7 @@ The LSTM runs in this process through ``worker.engine.classifier.train_classifie
 threads; its test metrics are those of the best checkpoint chosen on validation macro-F1.
 Results (per seed, mean and sample standard deviation) go to ``--json``.
 
-    nice .venv/bin/python bench/classify.py --threads 2 --json bench/results/classify.json
+    .venv/bin/python bench/classify.py --threads 2 --json bench/results/classify.json
 """
 
 from __future__ import annotations
