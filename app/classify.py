@@ -67,6 +67,30 @@ def check_labelled_sources(session: Session, principal: Principal, spec: JobSpec
                 field="classify.class_weights")
 
 
+def adopt_checkpoint_model(spec: JobSpec, source_spec: JobSpec, data: dict[str, Any],
+                           fields: tuple[str, ...]) -> None:
+    """Put ``init_from``'s ``model.<fields>`` and tokenizer (``source_spec``'s) into ``data``
+    (``spec``'s JSON): a job built on a checkpoint keeps its shapes and vocabulary. Raises
+    :class:`ValidationFailed` (422 ``init_from_mismatch``) naming ``model.<field>`` or
+    ``tokenizer`` when ``spec`` gives one with another value."""
+    given = spec.model.model_fields_set
+    for name in fields:
+        theirs = getattr(source_spec.model, name)
+        if name in given and getattr(spec.model, name) != theirs:
+            raise ValidationFailed(
+                f"model.{name} is {getattr(spec.model, name)} but init_from's checkpoint has "
+                f"{theirs}; leave it out to take the checkpoint's",
+                code="init_from_mismatch", field=f"model.{name}")
+        data["model"][name] = theirs
+    theirs_tok = source_spec.tokenizer.model_dump(mode="json")
+    if "tokenizer" in spec.model_fields_set and spec.tokenizer != TokenizerSpec(**theirs_tok):
+        raise ValidationFailed(
+            f"tokenizer differs from init_from's ({theirs_tok}); a job built on a checkpoint "
+            "uses its tokenizer: leave 'tokenizer' out",
+            code="init_from_mismatch", field="tokenizer")
+    data["tokenizer"] = theirs_tok
+
+
 def _resolve_checkpoint(session: Session, job: Job, name: str) -> Checkpoint:
     if name in ("best", "last"):
         kind = CheckpointKind.BEST if name == "best" else CheckpointKind.LAST
@@ -118,22 +142,7 @@ def resolve_init_from(session: Session, principal: Principal, spec: JobSpec) -> 
     ckpt = _resolve_checkpoint(session, source, init.checkpoint)
 
     data = spec.model_dump(mode="json")
-    given_model = spec.model.model_fields_set
-    for name in ENCODER_FIELDS:
-        theirs = getattr(source_spec.model, name)
-        if name in given_model and getattr(spec.model, name) != theirs:
-            raise ValidationFailed(
-                f"model.{name} is {getattr(spec.model, name)} but init_from's checkpoint has "
-                f"{theirs}; leave it out to take the checkpoint's",
-                code="init_from_mismatch", field=f"model.{name}")
-        data["model"][name] = theirs
-    theirs_tok = source_spec.tokenizer.model_dump(mode="json")
-    if "tokenizer" in spec.model_fields_set and spec.tokenizer != TokenizerSpec(**theirs_tok):
-        raise ValidationFailed(
-            f"tokenizer differs from init_from's ({theirs_tok}); the classifier uses the "
-            "checkpoint's tokenizer: leave 'tokenizer' out",
-            code="init_from_mismatch", field="tokenizer")
-    data["tokenizer"] = theirs_tok
+    adopt_checkpoint_model(spec, source_spec, data, ENCODER_FIELDS)
     data["init_from"] = {"job_id": source.id, "checkpoint": ckpt.id}
     try:
         return JobSpec.model_validate(data)

@@ -32,11 +32,16 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
-from app.classify import ENCODER_FIELDS, _resolve_checkpoint, dataset_kind
+from app.classify import (
+    ENCODER_FIELDS,
+    _resolve_checkpoint,
+    adopt_checkpoint_model,
+    dataset_kind,
+)
 from app.datasets import get_dataset
 from core.errors import NotFound, ValidationFailed
 from core.estimate import device_class, train_memory, vocab_bound
-from core.spec import JobSpec, TokenizerSpec, TrainingSpec
+from core.spec import JobSpec, TrainingSpec
 from core.textstats import TextStats, builtin_stats
 from store.models import Checkpoint, Job, JobStatus
 from store.settings import Settings
@@ -161,22 +166,7 @@ def _resolve_policy(session: Session, principal: Principal, spec: JobSpec,
     source, source_spec = _succeeded_job(session, principal, spec.init_from.job_id,
                                          "init_from.job_id", ("lm", "ppo"), "init_from")
     ckpt = _checkpoint(session, source, spec.init_from.checkpoint, "init_from.checkpoint")
-    given = spec.model.model_fields_set
-    for name in MODEL_FIELDS:
-        theirs = getattr(source_spec.model, name)
-        if name in given and getattr(spec.model, name) != theirs:
-            raise ValidationFailed(
-                f"model.{name} is {getattr(spec.model, name)} but init_from's checkpoint has "
-                f"{theirs}; a PPO job's policy is that checkpoint: leave model out",
-                code="init_from_mismatch", field=f"model.{name}")
-        data["model"][name] = theirs
-    theirs_tok = source_spec.tokenizer.model_dump(mode="json")
-    if "tokenizer" in spec.model_fields_set and spec.tokenizer != TokenizerSpec(**theirs_tok):
-        raise ValidationFailed(
-            f"tokenizer differs from init_from's ({theirs_tok}); a PPO job uses the "
-            "checkpoint's tokenizer: leave 'tokenizer' out",
-            code="init_from_mismatch", field="tokenizer")
-    data["tokenizer"] = theirs_tok
+    adopt_checkpoint_model(spec, source_spec, data, MODEL_FIELDS)
     data["init_from"] = {"job_id": source.id, "checkpoint": ckpt.id}
 
 

@@ -15,7 +15,7 @@ from core.contract import TrainingError
 from core.labelled import read_labelled
 from core.spec import DatasetSource, JobSpec
 from store.db import session_scope
-from store.models import Checkpoint, Dataset
+from store.models import Dataset
 from store.storage import Storage, sha256_hex
 
 if TYPE_CHECKING:
@@ -67,21 +67,9 @@ def read_init_from(spec: JobSpec, factory: SessionFactory, storage: Storage,
     init = spec.init_from
     if init is None:
         return None
-    job_id, name = init.job_id, init.checkpoint
+    from worker.ppo_job import read_checkpoint  # one reader of job checkpoints
 
-    def row() -> tuple[str, str] | None:
-        with session_scope(factory) as s:
-            c = s.get(Checkpoint, name)
-            if c is None or c.job_id != job_id:
-                return None
-            return c.storage_key, c.sha256
-
-    found = retry.call(f"init_from checkpoint {name}", row)
-    data = storage.read_bytes(found[0]) if found and storage.exists(found[0]) else None
-    if found is None or data is None or sha256_hex(data) != found[1]:
-        raise TrainingError("invalid_checkpoint", f"init_from's checkpoint {name!r} of job "
-                            f"{job_id} is missing from storage or fails its sha256")
-    return data
+    return read_checkpoint(init.job_id, init.checkpoint, "init_from", factory, storage, retry)
 
 
 def train_classify_job(spec: JobSpec, hooks: Any, factory: SessionFactory, storage: Storage,
