@@ -202,6 +202,19 @@ def _resolve_reward(session: Session, principal: Principal, spec: JobSpec,
                     data: dict[str, Any]) -> None:
     assert spec.ppo is not None
     reward = spec.ppo.reward
+    if reward.kind == "char_fraction":
+        # One token of the policy's tokenizer (init_from's, put into data by
+        # _resolve_policy): a character or a word; whether it is in the vocabulary is only
+        # known from the checkpoint file, so the worker checks that (invalid_spec).
+        kind = data["tokenizer"]["kind"]
+        if (kind == "char" and len(reward.target) != 1) or (
+                kind == "word" and any(c.isspace() for c in reward.target)):
+            raise ValidationFailed(
+                f"ppo.reward.target {reward.target!r} must be one token of init_from's "
+                f"{kind} tokenizer: " + ("one character" if kind == "char" else
+                                          "one word, without whitespace"),
+                code="invalid_target", field="ppo.reward.target")
+        return
     if reward.kind == "lm_loglik":
         job, _ = _succeeded_job(session, principal, reward.job_id, "ppo.reward.job_id",
                                 ("lm", "ppo"), "the lm_loglik reward")

@@ -246,3 +246,14 @@ def test_the_dry_run_of_a_ppo_job_checks_the_same_and_creates_nothing(
                     json=ppo_spec(lm[0], val_fraction=0.3))
     assert error(r)["field"] == "val_fraction"
     assert len(client.get("/v1/jobs").json()["data"]) == before
+
+
+def test_a_char_fraction_target_must_be_one_token_of_the_policys_tokenizer(
+        client: TestClient, lm: tuple[str, dict[str, str]]) -> None:
+    def target(t: str) -> dict[str, Any]:
+        return ppo_spec(lm[0], ppo={"reward": {"kind": "char_fraction", "target": t}})
+
+    assert client.post("/v1/jobs", json=target("e")).status_code == 201
+    e = error(client.post("/v1/jobs", json=target("ee")))
+    assert (e["code"], e["field"]) == ("invalid_target", "ppo.reward.target")
+    assert "one character" in e["message"]
