@@ -845,10 +845,12 @@
       uploadMsg.textContent = "Uploading…";
       try {
         const d = await api(`/v1/datasets?format=${encodeURIComponent(dsFormat.value)}`, { method: "POST", body });
+        // The dataset list (with the new one selected) first, then the message: whoever sees
+        // "ok" sees the form ready to submit.
+        await loadDatasets(d.id);
         uploadMsg.textContent = `Uploaded ${d.name}: ${fmtBytes(d.bytes)}, ${fmt(d.num_chars)} characters, ` +
           `${fmt(d.num_lines)} lines (${d.id}).`;
         uploadMsg.className = "ok";
-        await loadDatasets(d.id);
       } catch (e) {
         uploadMsg.textContent = e instanceof ApiError ? e.describe() : String(e);
         uploadMsg.className = "error";
