@@ -79,6 +79,48 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def encode_checkpoint(kind: str, spec: JobSpec, model_config: dict[str, Any],
+                      tokenizer: Tokenizer, tensors: dict[str, torch.Tensor],
+                      trainer_state: dict[str, Any],
+                      optimizer: torch.optim.Optimizer | None = None,
+                      rng_cpu: torch.Tensor | None = None, task: str | None = None) -> bytes:
+    """The one writer of every task's checkpoint (language model, classifier, PPO): ``tensors``
+    (the task's weights, already ``model.``/``best.``/... prefixed, on the CPU) plus, when
+    ``optimizer`` is given (a resumable checkpoint), its flattened state and the CPU (or
+    ``rng_cpu``) and CUDA generator states; the header metadata holds the format, ``kind``,
+    ``task`` (omitted for language models, the first format), the spec, the model config, the
+    tokenizer and ``trainer_state`` (strict JSON: raises ``ValueError`` on Infinity/NaN)."""
+    state = dict(trainer_state)
+    tensors = dict(tensors)
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        state["optimizer"] = opt_meta
+        tensors["rng.cpu"] = (rng_cpu if rng_cpu is not None else torch.get_rng_state()).clone()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+    metadata = {"format": FORMAT, "kind": kind}
+    if task is not None:
+        metadata["task"] = task
+    metadata.update({
+        "spec": spec.model_dump_json(),
+        "model_config": json.dumps(model_config),
+        "tokenizer": tokenizer.to_json(),
+        "trainer_state": json.dumps(state, allow_nan=False),  # strict JSON: no Infinity/NaN
+    })
+    return bytes(st_save(tensors, metadata=metadata))
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the CPU generator (and, on CUDA, every device's) from a resumable checkpoint's
+    ``rng`` tensors, so a resumed run draws what the uninterrupted one would."""
+    torch.set_rng_state(rng["cpu"])
+    cuda_states = [v for k, v in sorted(rng.items()) if k.startswith("cuda.")]
+    if device.type == "cuda" and cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
 def save_checkpoint(kind: str, spec: JobSpec, model: LSTMLanguageModel, tokenizer: Tokenizer,
                     trainer_state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None,
@@ -90,30 +132,15 @@ def save_checkpoint(kind: str, spec: JobSpec, model: LSTMLanguageModel, tokenize
     failed step). ``best_state``: the best weights so far, kept as ``best.<param>`` so a resumed
     run can still evaluate the test split with them."""
     tensors = _model_tensors(model)
-    state = dict(trainer_state)
     if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        tensors.update(opt_tensors)
-        state["optimizer"] = opt_meta
-        tensors["rng.cpu"] = (rng_cpu if rng_cpu is not None else torch.get_rng_state()).clone()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
         for k, v in (best_state or {}).items():
             if not (model.config.tie_weights and k == TIED_KEY):
                 tensors[f"best.{k}"] = _cpu(v)
         if hidden is not None:
             tensors["state.h"] = _cpu(hidden[0])
             tensors["state.c"] = _cpu(hidden[1])
-    metadata = {
-        "format": FORMAT,
-        "kind": kind,
-        "spec": spec.model_dump_json(),
-        "model_config": json.dumps(model.config.as_dict()),
-        "tokenizer": tokenizer.to_json(),
-        "trainer_state": json.dumps(state, allow_nan=False),  # strict JSON: no Infinity/NaN
-    }
-    return bytes(st_save(tensors, metadata=metadata))
+    return encode_checkpoint(kind, spec, model.config.as_dict(), tokenizer, tensors,
+                             trainer_state, optimizer, rng_cpu)
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

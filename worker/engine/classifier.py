@@ -38,7 +38,6 @@ whose ``classifier`` entry holds the labels (the head's output order) and the po
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -50,7 +49,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save as st_save
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from core.classification import (
@@ -72,11 +70,11 @@ from core.contract import (
 )
 from core.spec import ClassifySpec, JobSpec
 from worker.engine.checkpoint import (
-    FORMAT,
     LoadedCheckpoint,
     _cpu,
-    _flatten_optimizer,
+    encode_checkpoint,
     load_checkpoint,
+    restore_rng,
 )
 from worker.engine.embeddings import load_pretrained
 from worker.engine.model import ModelConfig
@@ -285,27 +283,11 @@ def save_classifier_checkpoint(
     weights only when ``optimizer`` is None (``best``)."""
     assert spec.classify is not None
     tensors = {f"model.{k}": _cpu(v) for k, v in model.state_dict().items()}
-    state = {**trainer_state, "classifier": classifier_info(labels, spec.classify)}
     if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        tensors.update(opt_tensors)
-        state["optimizer"] = opt_meta
-        tensors["rng.cpu"] = (rng_cpu if rng_cpu is not None else torch.get_rng_state()).clone()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        for k, v in (best_state or {}).items():
-            tensors[f"best.{k}"] = _cpu(v)
-    metadata = {
-        "format": FORMAT,
-        "kind": kind,
-        "task": "classify",
-        "spec": spec.model_dump_json(),
-        "model_config": json.dumps(model.config.as_dict()),
-        "tokenizer": tokenizer.to_json(),
-        "trainer_state": json.dumps(state, allow_nan=False),
-    }
-    return bytes(st_save(tensors, metadata=metadata))
+        tensors.update({f"best.{k}": _cpu(v) for k, v in (best_state or {}).items()})
+    state = {**trainer_state, "classifier": classifier_info(labels, spec.classify)}
+    return encode_checkpoint(kind, spec, model.config.as_dict(), tokenizer, tensors, state,
+                             optimizer, rng_cpu, task="classify")
 
 
 def _classifier_ckpt(data: bytes | LoadedCheckpoint) -> LoadedCheckpoint:
@@ -562,10 +544,7 @@ class _Run:
             self.state.load(resume.trainer_state)
             self.state.best_weights = ({k: v.to(dev) for k, v in resume.best_state.items()}
                                        if resume.best_state else None)
-            torch.set_rng_state(resume.rng["cpu"])
-            cuda = [v for k, v in sorted(resume.rng.items()) if k.startswith("cuda.")]
-            if dev.type == "cuda" and cuda:
-                torch.cuda.set_rng_state_all(cuda)
+            restore_rng(resume.rng, dev)
         self.start_examples = self.state.examples_seen
         self.final_train_time: float | None = None
         self.t0 = time.perf_counter()

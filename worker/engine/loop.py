@@ -42,7 +42,7 @@ from core.contract import (
 )
 from core.contract import TrainingHooks as Hooks
 from core.spec import JobSpec
-from worker.engine.checkpoint import LoadedCheckpoint, save_checkpoint
+from worker.engine.checkpoint import LoadedCheckpoint, restore_rng, save_checkpoint
 from worker.engine.data import Corpus, TrainBatches
 from worker.engine.evaluate import EvalInterrupted, EvalResult, evaluate
 from worker.engine.model import Hidden, LSTMLanguageModel
@@ -124,10 +124,7 @@ class LoopState:
                              if ckpt.best_state else None)
         self.hidden = (None if ckpt.hidden is None
                        else (ckpt.hidden[0].to(device), ckpt.hidden[1].to(device)))
-        torch.set_rng_state(ckpt.rng["cpu"])
-        cuda_states = [v for k, v in sorted(ckpt.rng.items()) if k.startswith("cuda.")]
-        if device.type == "cuda" and cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
+        restore_rng(ckpt.rng, device)
 
 
 class PendingStep(NamedTuple):

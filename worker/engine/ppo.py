@@ -55,7 +55,6 @@ ones resumable.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -68,20 +67,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from core.contract import CheckpointBlob, CheckpointKind, Phase, StopReason, TrainingError
 from core.ppo import PPOResult, PPOStepMetrics
 from core.spec import JobSpec, PromptsSpec
 from worker.engine.checkpoint import (
-    FORMAT,
     LoadedCheckpoint,
     _cpu,
-    _flatten_optimizer,
     _model_tensors,
     build_model_from_checkpoint,
+    encode_checkpoint,
     load_checkpoint,
+    restore_rng,
 )
 from worker.engine.classifier import _Site
 from worker.engine.generate import start_ids
@@ -306,22 +304,8 @@ def save_ppo_checkpoint(kind: str, spec: JobSpec, policy: PolicyWithValue, token
     only (policy and value head) when ``optimizer`` is None (``best``)."""
     tensors = _model_tensors(policy.lm)
     tensors.update({f"value_head.{k}": _cpu(v) for k, v in policy.value_head.state_dict().items()})
-    state = dict(trainer_state)
-    if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        tensors.update(opt_tensors)
-        state["optimizer"] = opt_meta
-        tensors["rng.cpu"] = torch.get_rng_state().clone()
-    metadata = {
-        "format": FORMAT,
-        "kind": kind,
-        "task": "ppo",
-        "spec": spec.model_dump_json(),
-        "model_config": json.dumps(policy.lm.config.as_dict()),
-        "tokenizer": tokenizer.to_json(),
-        "trainer_state": json.dumps(state, allow_nan=False),
-    }
-    return bytes(st_save(tensors, metadata=metadata))
+    return encode_checkpoint(kind, spec, policy.lm.config.as_dict(), tokenizer, tensors,
+                             trainer_state, optimizer, task="ppo")
 
 
 def load_policy(data: bytes | LoadedCheckpoint) -> LoadedCheckpoint:
@@ -435,7 +419,7 @@ class _Run:
         ts = resume.trainer_state["ppo"]
         self.state.load(ts)
         self.schedule.load(ts["schedule"])
-        torch.set_rng_state(resume.rng["cpu"])
+        restore_rng(resume.rng, self.dev)
 
     # -- bookkeeping (as worker.engine.classifier._Run) -----------------------------------------
     def elapsed(self) -> float:
