@@ -63,10 +63,8 @@ from core.classification import (
 from core.contract import (
     CheckpointBlob,
     CheckpointKind,
-    Phase,
     StopReason,
     TrainingError,
-    mark_failure_site,
 )
 from core.spec import ClassifySpec, JobSpec
 from worker.engine.checkpoint import (
@@ -77,6 +75,7 @@ from worker.engine.checkpoint import (
     restore_rng,
 )
 from worker.engine.embeddings import load_pretrained
+from worker.engine.loop import Clock, RunControl
 from worker.engine.model import ModelConfig
 from worker.engine.schedule import EarlyStopping, LRSchedule
 from worker.engine.tokenizers import Tokenizer, build_tokenizer
@@ -515,7 +514,7 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits.float(), y, weight=weights)
 
 
-class _Run:
+class _Run(RunControl):
     """One training run (or resume) of a classifier; see the module docstring."""
 
     def __init__(self, spec: JobSpec, p: Prepared, hooks: Any, dev: torch.device,
@@ -546,49 +545,15 @@ class _Run:
                                        if resume.best_state else None)
             restore_rng(resume.rng, dev)
         self.start_examples = self.state.examples_seen
-        self.final_train_time: float | None = None
-        self.t0 = time.perf_counter()
-        self.excluded = 0.0  # seconds of evaluation/checkpoints/reporting
+        self.clock = Clock()  # training time excludes evaluation, checkpoints, reporting
         self.pending: list[ClassifyStepMetrics] = []
         self.window = (0.0, 0, 0)  # (train time, examples, tokens) at the last flush
-        self.halt: str | None = None
+        self.halt = None
         self._perm: tuple[int, list[int]] | None = None
-        self._last_full = 0.0
+        self.last_full_checkpoint = 0.0
         self.vals: dict[int, ClassificationMetrics] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def train_time(self) -> float:
-        return self.elapsed() - self.excluded
-
-    def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.excluded += time.perf_counter() - t0
-
-    def poll(self) -> bool:
-        if self.halt is None:
-            limit = self.spec.training.max_duration_s
-            if self.hooks.should_stop():
-                self.halt = "cancelled"
-            elif limit is not None and self.state.runtime_before + self.elapsed() >= limit:
-                self.halt = "timeout"
-        return self.halt is not None
-
-    def timeout_error(self) -> TrainingError:
-        return TrainingError(
-            "timeout", f"the run took longer than training.max_duration_s = "
-            f"{self.spec.training.max_duration_s} s and was stopped at step {self.state.step}; "
-            f"its last checkpoint was kept. Raise max_duration_s or lower training.max_steps.",
-            self.state.step, phase="train")
-
-    def site(self, phase: Phase, step: int) -> _Site:
-        return _Site(phase, step)
-
     def epoch_of(self, step: int) -> float:
         return step / self.batches_per_epoch
 
@@ -612,7 +577,7 @@ class _Run:
             with self.site("train", step):
                 self._train_step(step)
             stop = self._after_step(step)
-        self.final_train_time = self.train_time()
+        self.clock.final_train_time = self.clock.train_time()
         self._checkpoint(CheckpointKind.LAST)
         if self.halt == "timeout":
             raise self.timeout_error()
@@ -657,7 +622,7 @@ class _Run:
         s.tokens_seen += int(lengths.sum())
         self.pending.append(ClassifyStepMetrics(
             step=step, epoch=self.epoch_of(step), train_loss=loss_v, lr=lr, grad_norm=norm_v,
-            examples_per_s=0.0, tokens_per_s=0.0, elapsed_s=self.elapsed(),
+            examples_per_s=0.0, tokens_per_s=0.0, elapsed_s=self.clock.elapsed(),
             examples_seen=s.examples_seen, tokens_seen=s.tokens_seen, encoder_frozen=frozen))
 
     def _after_step(self, step: int) -> StopReason | None:
@@ -671,7 +636,7 @@ class _Run:
                 row = self.pending[-1]
                 self.state.unvalidated_row = row.as_dict()
                 return "cancelled"
-        if self._periodic_due(step, stop is not None):
+        if self.periodic_due(step, stop is not None):
             self._checkpoint(CheckpointKind.PERIODIC)
         if step % t.log_interval == 0 or stop is not None:
             self._flush()
@@ -699,16 +664,9 @@ class _Run:
         if t.max_epochs is not None and self.epoch_of(step) >= t.max_epochs:
             return "max_epochs"
         if (t.max_runtime_s is not None
-                and self.state.runtime_before + self.elapsed() >= t.max_runtime_s):
+                and self.runtime_s() >= t.max_runtime_s):
             return "max_runtime_s"
         return None
-
-    def _periodic_due(self, step: int, stopping: bool) -> bool:
-        t = self.spec.training
-        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
-            return True
-        return (not stopping and t.checkpoint_every_s is not None
-                and self.elapsed() - self._last_full >= t.checkpoint_every_s)
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, split: Split) -> ClassificationMetrics:
@@ -724,7 +682,7 @@ class _Run:
         ``best``. True: stop early."""
         s = self.state
         with self.site("evaluate", step):
-            res: ClassificationMetrics = self.timed(self.evaluate, self.p.validation)
+            res: ClassificationMetrics = self.clock.timed(self.evaluate, self.p.validation)
         self.model.train()
         self.vals[step] = res
         s.final_val = {"loss": res.loss, "accuracy": res.accuracy, "macro_f1": res.macro_f1}
@@ -758,7 +716,7 @@ class _Run:
         with self.site("checkpoint", s.step):
             data = save_classifier_checkpoint(
                 kind, self.spec, self.model, self.p.tokenizer, self.p.labels,
-                s.to_json(s.runtime_before + self.elapsed()),
+                s.to_json(self.runtime_s()),
                 optimizer=self.optimizer if full else None, rng_cpu=rng_cpu,
                 best_state=s.best_weights if full else None)
             metrics: dict[str, Any] = {"step": s.step}
@@ -769,15 +727,15 @@ class _Run:
                 metrics["best_val_macro_f1"] = s.best_val_macro_f1
             self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
         if full:
-            self._last_full = self.elapsed()
-        self.excluded += time.perf_counter() - t0
+            self.last_full_checkpoint = self.clock.elapsed()
+        self.clock.excluded += time.perf_counter() - t0
 
     def _flush(self, rates: bool = True) -> None:
         """Report the pending rows (with their validation values and throughput)."""
         if not self.pending:
             return
         t0 = time.perf_counter()
-        now = self.train_time()
+        now = self.clock.train_time()
         t_prev, ex_prev, tok_prev = self.window
         span = max(now - t_prev, 1e-9)
         last = self.pending[-1]
@@ -789,7 +747,7 @@ class _Run:
         self.hooks.on_metrics(list(self.pending))
         self.window = (now, last.examples_seen, last.tokens_seen)
         self.pending = []
-        self.excluded += time.perf_counter() - t0
+        self.clock.excluded += time.perf_counter() - t0
 
     def _fail(self, step: int, rng_before: torch.Tensor, loss: float, norm: float) -> None:
         """The step's loss or gradient is not finite: keep the state after ``step - 1`` as
@@ -801,20 +759,6 @@ class _Run:
             f"the training loss ({loss}) or gradient norm ({norm}) is not finite at step "
             f"{step}; the last good checkpoint (step {step - 1}) was kept. Lower optimizer.lr, "
             f"set training.grad_clip, or check the data.", step, phase="train")
-
-
-class _Site:
-    """Label an exception raised inside with the phase and step (the first label wins)."""
-
-    def __init__(self, phase: Phase, step: int) -> None:
-        self.phase, self.step = phase, step
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None:
-            mark_failure_site(exc, self.phase, self.step)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int,
@@ -901,7 +845,7 @@ def train_classifier(spec: JobSpec, data: ClassifyData, hooks: Any,
                 with run.site("evaluate", run.state.step):
                     if run.state.best_weights is not None:
                         run.model.load_state_dict(run.state.best_weights)
-                    test = run.timed(run.evaluate, p.test)
+                    test = run.clock.timed(run.evaluate, p.test)
         except EvalInterrupted:
             if run.halt == "timeout":
                 raise run.timeout_error() from None
@@ -913,14 +857,14 @@ def _result(run: _Run, stop_reason: StopReason, test: ClassificationMetrics | No
             spec: JobSpec) -> ClassificationResult:
     s, p = run.state, run.p
     final = s.final_val or {}
-    train_time = max(run.final_train_time or run.train_time(), 1e-9)
+    train_time = max(run.clock.final_train_time or run.clock.train_time(), 1e-9)
     return ClassificationResult(
         task="classify",
         steps=s.step,
         epochs=run.epoch_of(s.step),
         examples_seen=s.examples_seen,
         tokens_seen=s.tokens_seen,
-        duration_s=run.elapsed(),
+        duration_s=run.clock.elapsed(),
         train_examples_per_s=(s.examples_seen - run.start_examples) / train_time,
         stop_reason=stop_reason,
         labels=p.labels,

@@ -161,8 +161,73 @@ class Clock:
             self.excluded += time.perf_counter() - t0
 
 
+class RunControl:
+    """What every training loop shares (the language model's :class:`TrainLoop`, the
+    classifier's and PPO's runs): a :class:`Clock`, halting from outside the stopping rules (a
+    cancel or shutdown through ``hooks.should_stop()``, the ``training.max_duration_s``
+    budget), labelling an exception with the phase and step it came from, and when a
+    resumable (``periodic``) checkpoint is due. A loop has ``spec``, ``hooks``, ``clock``,
+    ``state.runtime_before`` (seconds run before this restart) and ``state.step``, and starts
+    with ``halt = None`` and ``last_full_checkpoint = 0.0``."""
+
+    spec: JobSpec
+    hooks: Any
+    clock: Clock
+    state: Any
+    # Why the run is being halted from outside the stopping rules: "cancelled" or "timeout";
+    # sticky once set.
+    halt: str | None
+    last_full_checkpoint: float  # clock.elapsed() at the last resumable checkpoint
+    step_name = "step"  # what a step is called in messages (PPO: "iteration")
+
+    def runtime_s(self) -> float:
+        """Seconds this job has run, across restarts."""
+        return float(self.state.runtime_before) + self.clock.elapsed()
+
+    def poll(self) -> bool:
+        """Whether the run must halt now: ``hooks.should_stop()`` (a cancel or a shutdown) or
+        the ``training.max_duration_s`` budget spent. Cheap: called after every step and
+        before every evaluation batch. Sets :attr:`halt` (sticky)."""
+        if self.halt is None:
+            limit = self.spec.training.max_duration_s
+            if self.hooks.should_stop():
+                self.halt = "cancelled"
+            elif limit is not None and self.runtime_s() >= limit:
+                self.halt = "timeout"
+        return self.halt is not None
+
+    def timeout_error(self) -> TrainingError:
+        limit = self.spec.training.max_duration_s
+        n = self.state.step
+        return TrainingError(
+            "timeout",
+            f"the run took longer than training.max_duration_s = {limit} s and was stopped at "
+            f"{self.step_name} {n}; its last checkpoint ({self.step_name} {n}) was kept. Raise "
+            f"max_duration_s, or resubmit with a smaller budget (training.max_steps).",
+            n, phase="train")
+
+    @contextmanager
+    def site(self, phase: Phase, step: int) -> Iterator[None]:
+        """Label an exception raised inside with where it happened (first label wins)."""
+        try:
+            yield
+        except BaseException as exc:
+            mark_failure_site(exc, phase, step)
+            raise
+
+    def periodic_due(self, step: int, stopping: bool) -> bool:
+        """A resumable checkpoint is due after ``step``: every ``checkpoint_interval`` steps,
+        or once ``checkpoint_every_s`` seconds have passed since the last one (not when the run
+        is stopping: its ``last`` checkpoint follows)."""
+        t = self.spec.training
+        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
+            return True
+        return (not stopping and t.checkpoint_every_s is not None
+                and self.clock.elapsed() - self.last_full_checkpoint >= t.checkpoint_every_s)
+
+
 @dataclass
-class TrainLoop:
+class TrainLoop(RunControl):
     spec: JobSpec
     model: LSTMLanguageModel
     optimizer: torch.optim.Optimizer
@@ -180,11 +245,9 @@ class TrainLoop:
         self.start_step = self.state.step
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._bad = torch.zeros((), device=self.device)  # CUDA: sticky non-finite flag
-        # Why the run is being halted from outside the stopping rules: "cancelled"
-        # (should_stop said so) or "timeout" (training.max_duration_s passed); sticky.
-        self.halt: str | None = None
+        self.halt = None
         self._eval_interrupted_at: int | None = None  # the step whose validation was cut
-        self._last_full_checkpoint = 0.0  # clock.elapsed() at the last resumable checkpoint
+        self.last_full_checkpoint = 0.0
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -198,36 +261,6 @@ class TrainLoop:
     def train_tokens_per_s(self) -> float:
         tokens = (self.state.step - self.start_step) * self.batches.tokens_per_batch
         return tokens / max(self.clock.final_train_time or self.clock.train_time(), 1e-9)
-
-    def poll(self) -> bool:
-        """Whether the run must halt now: ``hooks.should_stop()`` (a cancel or a shutdown) or
-        the ``training.max_duration_s`` budget spent. Cheap: called after every step and
-        before every evaluation batch. Sets :attr:`halt` (sticky)."""
-        if self.halt is None:
-            limit = self.spec.training.max_duration_s
-            if self.hooks.should_stop():
-                self.halt = "cancelled"
-            elif limit is not None and self.state.runtime_before + self.clock.elapsed() >= limit:
-                self.halt = "timeout"
-        return self.halt is not None
-
-    def timeout_error(self) -> TrainingError:
-        limit = self.spec.training.max_duration_s
-        return TrainingError(
-            "timeout",
-            f"the run took longer than training.max_duration_s = {limit} s and was stopped at "
-            f"step {self.state.step}; its last checkpoint (step {self.state.step}) was kept. "
-            f"Raise max_duration_s, or resubmit with a smaller budget (training.max_steps).",
-            self.state.step, phase="train")
-
-    @contextmanager
-    def site(self, phase: Phase, step: int) -> Iterator[None]:
-        """Label an exception raised inside with where it happened (first label wins)."""
-        try:
-            yield
-        except BaseException as exc:
-            mark_failure_site(exc, phase, step)
-            raise
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> StopReason:
@@ -329,23 +362,13 @@ class TrainLoop:
             except EvalInterrupted:
                 self._eval_interrupted_at = step
                 return "cancelled"
-        if self._periodic_due(step, stop is not None):
+        if self.periodic_due(step, stop is not None):
             self._checkpoint(CheckpointKind.PERIODIC)
         if step % t.log_interval == 0 or stop is not None:
             self._flush()
         if stop is None and self.poll():
             stop = "cancelled"
         return stop
-
-    def _periodic_due(self, step: int, stopping: bool) -> bool:
-        """``checkpoint_interval`` divides ``step``, or (unless the run is stopping: its
-        ``last`` checkpoint follows) ``checkpoint_every_s`` seconds have passed since the last
-        resumable checkpoint of this run (or its start)."""
-        t = self.spec.training
-        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
-            return True
-        return (not stopping and t.checkpoint_every_s is not None
-                and self.clock.elapsed() - self._last_full_checkpoint >= t.checkpoint_every_s)
 
     def _budget_stop(self, step: int) -> StopReason | None:
         t = self.spec.training
@@ -356,7 +379,7 @@ class TrainLoop:
         if t.max_tokens is not None and step * self.batches.tokens_per_batch >= t.max_tokens:
             return "max_tokens"
         if (t.max_runtime_s is not None
-                and self.state.runtime_before + self.clock.elapsed() >= t.max_runtime_s):
+                and self.runtime_s() >= t.max_runtime_s):
             return "max_runtime_s"
         return None
 
@@ -390,7 +413,7 @@ class TrainLoop:
         with self.site("checkpoint", s.step):
             data = save_checkpoint(
                 kind, self.spec, self.model, self.tokenizer,
-                s.trainer_state(self.batches, s.runtime_before + self.clock.elapsed()),
+                s.trainer_state(self.batches, self.runtime_s()),
                 optimizer=self.optimizer if full else None,
                 hidden=_detach(s.hidden) if full else None,
                 rng_cpu=rng_cpu,
@@ -403,7 +426,7 @@ class TrainLoop:
                 metrics["best_val_loss"] = s.best_val_loss
             self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
         if full:
-            self._last_full_checkpoint = self.clock.elapsed()
+            self.last_full_checkpoint = self.clock.elapsed()
         self.clock.excluded += time.perf_counter() - t0
 
     def _flush(self) -> None:

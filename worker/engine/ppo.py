@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from core.contract import CheckpointBlob, CheckpointKind, Phase, StopReason, TrainingError
+from core.contract import CheckpointBlob, CheckpointKind, StopReason, TrainingError
 from core.ppo import PPOResult, PPOStepMetrics
 from core.spec import JobSpec, PromptsSpec
 from worker.engine.checkpoint import (
@@ -81,8 +81,8 @@ from worker.engine.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from worker.engine.classifier import _Site
 from worker.engine.generate import start_ids
+from worker.engine.loop import Clock, RunControl
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.rewards import Length, Reward, RewardBatch, line_end_ids
 from worker.engine.schedule import LRSchedule
@@ -367,7 +367,9 @@ class Rollout:
     minibatches: list[torch.Tensor]  # the first epoch's row indices
 
 
-class _Run:
+class _Run(RunControl):
+    step_name = "iteration"  # in messages: one PPO iteration is a training.max_steps step
+
     def __init__(self, spec: JobSpec, init: LoadedCheckpoint, reward: Reward,
                  prompts: PromptSampler, hooks: Any, dev: torch.device,
                  resume: tuple[LoadedCheckpoint, dict[str, torch.Tensor]] | None) -> None:
@@ -390,12 +392,11 @@ class _Run:
             self._restore(*resume)
         self.start_seen = self.state.rollouts_seen
         self.length_of = Length(0, line_end_ids(self.tok))
-        self.t0 = time.perf_counter()
-        self.excluded = 0.0
+        self.clock = Clock()
         self.pending: list[PPOStepMetrics] = []
         self.window = (0.0, self.state.rollouts_seen)
-        self.halt: str | None = None
-        self._last_full = 0.0
+        self.halt = None
+        self.last_full_checkpoint = 0.0
         self.on_minibatch: Callable[[dict[str, Any]], None] | None = getattr(
             hooks, "on_minibatch", None)
         self.on_samples: Callable[[int, list[dict[str, Any]]], None] | None = getattr(
@@ -421,25 +422,6 @@ class _Run:
         self.schedule.load(ts["schedule"])
         restore_rng(resume.rng, self.dev)
 
-    # -- bookkeeping (as worker.engine.classifier._Run) -----------------------------------------
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def train_time(self) -> float:
-        return self.elapsed() - self.excluded
-
-    def poll(self) -> bool:
-        if self.halt is None:
-            limit = self.spec.training.max_duration_s
-            if self.hooks.should_stop():
-                self.halt = "cancelled"
-            elif limit is not None and self.state.runtime_before + self.elapsed() >= limit:
-                self.halt = "timeout"
-        return self.halt is not None
-
-    def site(self, phase: Phase, step: int) -> _Site:
-        return _Site(phase, step)
-
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> StopReason:
         stop = self._budget_stop(self.state.step) if self.state.step > 0 else None
@@ -450,11 +432,7 @@ class _Run:
             stop = self._after_step(step)
         self._checkpoint(CheckpointKind.LAST)
         if self.halt == "timeout":
-            raise TrainingError(
-                "timeout", f"the run took longer than training.max_duration_s = "
-                f"{self.spec.training.max_duration_s} s and was stopped at iteration "
-                f"{self.state.step}; its last checkpoint was kept.", self.state.step,
-                phase="train")
+            raise self.timeout_error()
         return stop
 
     def _budget_stop(self, step: int) -> StopReason | None:
@@ -462,7 +440,7 @@ class _Run:
         if step >= t.max_steps:
             return "max_steps"
         if (t.max_runtime_s is not None
-                and self.state.runtime_before + self.elapsed() >= t.max_runtime_s):
+                and self.runtime_s() >= t.max_runtime_s):
             return "max_runtime_s"
         return None
 
@@ -473,21 +451,14 @@ class _Run:
             t0 = time.perf_counter()
             with self.site("evaluate", step):
                 self._evaluate(step)
-            self.excluded += time.perf_counter() - t0
-        if self._periodic_due(step, stop is not None):
+            self.clock.excluded += time.perf_counter() - t0
+        if self.periodic_due(step, stop is not None):
             self._checkpoint(CheckpointKind.PERIODIC)
         if step % t.log_interval == 0 or stop is not None:
             self._flush()
         if stop is None and self.poll():
             stop = "cancelled"
         return stop
-
-    def _periodic_due(self, step: int, stopping: bool) -> bool:
-        t = self.spec.training
-        if t.checkpoint_interval is not None and step % t.checkpoint_interval == 0:
-            return True
-        return (not stopping and t.checkpoint_every_s is not None
-                and self.elapsed() - self._last_full >= t.checkpoint_every_s)
 
     # -- one iteration -------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout:
@@ -578,7 +549,7 @@ class _Run:
             kl_exact=float(ro.kl_exact.mean()), entropy=float(ro.entropy.mean()),
             response_length=sum(lengths) / len(lengths), kl_coef=beta,
             objective=reward_mean - beta * kl_mean, lr=lr, explained_variance=explained,
-            rollouts_seen=s.rollouts_seen, rollout_tokens_per_s=0.0, elapsed_s=self.elapsed(),
+            rollouts_seen=s.rollouts_seen, rollout_tokens_per_s=0.0, elapsed_s=self.clock.elapsed(),
             **stats))
 
     def _optimise(self, step: int, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor
@@ -700,7 +671,7 @@ class _Run:
         full = kind != CheckpointKind.BEST
         with self.site("checkpoint", s.step):
             ts = {"step": s.step,
-                  "ppo": {**s.to_json(s.runtime_before + self.elapsed()),
+                  "ppo": {**s.to_json(self.runtime_s()),
                           "schedule": self.schedule.state()}}
             data = save_ppo_checkpoint(kind, self.spec, self.policy, self.tok, ts,
                                        self.optimizer if full else None)
@@ -710,14 +681,14 @@ class _Run:
                                val_kl=s.final_val["kl"])
             self.hooks.on_checkpoint(CheckpointBlob(kind, s.step, data, metrics))
         if full:
-            self._last_full = self.elapsed()
-        self.excluded += time.perf_counter() - t0
+            self.last_full_checkpoint = self.clock.elapsed()
+        self.clock.excluded += time.perf_counter() - t0
 
     def _flush(self) -> None:
         if not self.pending:
             return
         t0 = time.perf_counter()
-        now = self.train_time()
+        now = self.clock.train_time()
         t_prev, seen_prev = self.window
         span = max(now - t_prev, 1e-9)
         last = self.pending[-1]
@@ -727,7 +698,7 @@ class _Run:
         self.hooks.on_metrics(list(self.pending))
         self.window = (now, last.rollouts_seen)
         self.pending = []
-        self.excluded += time.perf_counter() - t0
+        self.clock.excluded += time.perf_counter() - t0
 
 
 def _xlogy_sum(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -792,11 +763,11 @@ def load_ppo_policy(data: bytes, device: torch.device | str = "cpu") -> PolicyWi
 def _result(run: _Run, stop_reason: StopReason, spec: JobSpec) -> PPOResult:
     s, p = run.state, run.p
     final = s.final_val or {}
-    train_time = max(run.train_time(), 1e-9)
+    train_time = max(run.clock.train_time(), 1e-9)
     seen_now = s.rollouts_seen - run.start_seen
     return PPOResult(
         task="ppo", algorithm=p.algorithm, steps=s.step, rollouts_seen=s.rollouts_seen,
-        rollout_tokens=s.rollouts_seen * p.response_length, duration_s=run.elapsed(),
+        rollout_tokens=s.rollouts_seen * p.response_length, duration_s=run.clock.elapsed(),
         rollout_tokens_per_s=seen_now * p.response_length / train_time,
         stop_reason=stop_reason, initial_reward_mean=s.initial_reward_mean,
         final_reward_mean=final.get("reward_mean"), final_kl=final.get("kl"),
