@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
-from app.datasets import get_dataset
+from app.datasets import spec_dataset
 from core.errors import NotFound, ValidationFailed
 from core.spec import JobSpec, TokenizerSpec
 from store.models import Checkpoint, CheckpointKind, Job, JobStatus
@@ -44,11 +44,7 @@ def check_labelled_sources(session: Session, principal: Principal, spec: JobSpec
     for field, source in sources:
         if source.id is None:
             continue  # builtin: refused by the spec; path: refused by app.jobs
-        try:
-            row = get_dataset(session, principal, source.id)
-        except NotFound:
-            raise ValidationFailed(f"dataset {source.id!r} does not exist",
-                                   field=field) from None
+        row = spec_dataset(session, principal, source.id, field)
         if dataset_kind(row) != "labelled":
             raise ValidationFailed(
                 f"dataset {source.id!r} is a {dataset_kind(row)} dataset; task 'classify' needs "

@@ -26,7 +26,7 @@ from core.datasetstats import (
     sample_lines,
     word_stats,
 )
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound, ValidationFailed
 from core.ingest import IngestOptions, IngestResult, RawFile, ingest
 from core.textstats import TextCounter, TextStats
 from store.db import newest_first_page
@@ -114,6 +114,16 @@ def get_dataset(session: Session, principal: Principal, dataset_id: str) -> Data
     if row is None:
         raise NotFound(f"dataset {dataset_id!r} not found")
     return row
+
+
+def spec_dataset(session: Session, principal: Principal, dataset_id: str,
+                 field: str) -> Dataset:
+    """The dataset a job spec names in ``field``; :class:`ValidationFailed` (422) naming the
+    field when ``principal`` has no such dataset."""
+    try:
+        return get_dataset(session, principal, dataset_id)
+    except NotFound:
+        raise ValidationFailed(f"dataset {dataset_id!r} does not exist", field=field) from None
 
 
 def list_datasets(

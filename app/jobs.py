@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app import classify, notify, ppo, quotas
 from app.auth import Principal, owner_filter
-from app.datasets import dataset_ids_of, get_dataset
+from app.datasets import dataset_ids_of, get_dataset, spec_dataset
 from core.errors import Conflict, NotFound, ValidationFailed
 from core.estimate import VocabBound, vocab_bound
 from core.spec import DatasetSource, JobSpec
@@ -87,10 +87,7 @@ def _source_stats(
     if source.builtin is not None:
         return builtin_stats(source.builtin)
     assert source.id is not None
-    try:
-        d = get_dataset(session, principal, source.id)
-    except NotFound:
-        raise ValidationFailed(f"dataset {source.id!r} does not exist", field=field) from None
+    d = spec_dataset(session, principal, source.id, field)
     return TextStats(d.num_chars, d.num_lines, d.num_words, d.bytes)
 
 
@@ -149,11 +146,7 @@ def validate_sources(session: Session, principal: Principal,
                                    "the file and give its dataset_id",
                                    field="model.pretrained_embeddings.path")
         assert emb.dataset_id is not None
-        try:
-            get_dataset(session, principal, emb.dataset_id)
-        except NotFound:
-            raise ValidationFailed(f"dataset {emb.dataset_id!r} does not exist",
-                                   field=field) from None
+        spec_dataset(session, principal, emb.dataset_id, field)
     if getattr(spec, "task", "lm") == "classify":
         classify.check_labelled_sources(session, principal, spec)  # examples, not tokens
     else:

@@ -38,7 +38,7 @@ from app.classify import (
     adopt_checkpoint_model,
     dataset_kind,
 )
-from app.datasets import get_dataset
+from app.datasets import get_dataset, spec_dataset
 from core.errors import NotFound, ValidationFailed
 from core.estimate import device_class, train_memory, vocab_bound
 from core.spec import JobSpec, TrainingSpec
@@ -175,11 +175,7 @@ def _check_prompts(session: Session, principal: Principal, spec: JobSpec) -> Non
     prompts = spec.ppo.prompts
     if prompts.dataset_id is not None:
         field = "ppo.prompts.dataset_id"
-        try:
-            row = get_dataset(session, principal, prompts.dataset_id)
-        except NotFound:
-            raise ValidationFailed(f"dataset {prompts.dataset_id!r} does not exist",
-                                   field=field) from None
+        row = spec_dataset(session, principal, prompts.dataset_id, field)
         if dataset_kind(row) != "text":
             raise ValidationFailed(
                 f"dataset {prompts.dataset_id!r} is a {dataset_kind(row)} dataset; the prompts "

@@ -43,6 +43,13 @@ class Conflict(LMForgeError):
     code = "conflict"
 
 
+class WrongTask(Conflict):
+    """A route or operation that does not apply to the job's task (e.g. ``generate`` on a
+    classifier, ``classify`` or ``export`` of a language model's opposite)."""
+
+    code = "wrong_task"
+
+
 class ValidationFailed(LMForgeError):
     status_code = 422
     code = "validation_error"

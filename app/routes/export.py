@@ -24,10 +24,10 @@ from app.routes.files import content_disposition
 from app.routes.inference import (
     LM_TASKS,
     InferenceClientDep,
-    WrongTask,
     job_task,
     resolve_checkpoint,
 )
+from core.errors import WrongTask
 from core.spec import NO_CONTROL_PATTERN, check_text
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -23,7 +23,7 @@ from app.deps import SessionDep, SettingsDep
 from app.http_errors import ErrorBody
 from app.inference import InferenceClient
 from app.params import JobIdPath
-from core.errors import Conflict, NotFound, ValidationFailed
+from core.errors import Conflict, NotFound, ValidationFailed, WrongTask
 from core.inference import (
     ClassifyParams,
     ClassifyResult,
@@ -39,10 +39,6 @@ router = APIRouter(prefix="/jobs", tags=["inference"])
 
 # ``checkpoint``: "best", "last" or a checkpoint id as the service makes them.
 CHECKPOINT_PATTERN = r"^(best|last|[a-z]+_[0-9a-f]{32})$"
-
-
-class WrongTask(Conflict):
-    code = "wrong_task"
 
 
 def get_inference_client(request: Request) -> InferenceClient:

@@ -31,7 +31,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import Conflict, ValidationFailed
+from core.errors import Conflict, ValidationFailed, WrongTask
 from core.estimate import device_class, train_memory_bytes
 from core.inference import ServerCall
 from core.spec import JobSpec
@@ -40,7 +40,7 @@ from worker.engine.calibrate import calibrate
 from worker.engine.generate import DeadlineExceeded
 from worker.engine.trainer import is_out_of_memory
 from worker.serve.models import LoadedModel
-from worker.serve.routes import ServeState, WrongTask, run_call
+from worker.serve.routes import ServeState, run_call
 
 router = APIRouter()
 

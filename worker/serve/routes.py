@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request
 
-from core.errors import LMForgeError, ValidationFailed
+from core.errors import ValidationFailed, WrongTask
 from core.inference import (
     ClassifyCall,
     ClassifyResult,
@@ -37,16 +37,6 @@ from worker.serve.models import LoadedModel, ModelCache
 router = APIRouter()
 
 T = TypeVar("T")
-
-
-class WrongTask(LMForgeError):
-    status_code = 409
-    code = "wrong_task"
-
-
-class NotImplementedYet(LMForgeError):
-    status_code = 501
-    code = "not_implemented"
 
 
 @dataclass
@@ -135,21 +125,16 @@ def score_route(call: ScoreCall, request: Request) -> ScoreResult:
 @router.post("/classify", response_model=ClassifyResult)
 def classify_route(call: ClassifyCall, request: Request) -> ClassifyResult:
     """Labels and probabilities of ``texts`` from a classification job's checkpoint
-    (``worker.engine.classifier.classify_texts``); 501 while that module does not exist."""
-    try:
-        from worker.engine import classifier
-    except ImportError as exc:
-        raise NotImplementedYet("text classification is not available in this inference "
-                                "server") from exc
+    (``worker.engine.classifier.classify_texts``)."""
+    from worker.engine import classifier  # torch and the classifier: loaded on first use
 
     def work(loaded: LoadedModel, should_stop: Callable[[], bool]) -> ClassifyResult:
         if loaded.task != "classify":
             raise WrongTask("classify needs a classification job (task \"classify\"); this "
                             f"checkpoint is of a {loaded.task!r} job (use /generate or /score)")
-        build = getattr(classifier, "load_classifier", None)
-        if loaded.classifier is None and build is not None:
-            loaded.classifier = build(loaded.ckpt)  # cached with the checkpoint
-        preds = classifier.classify_texts(loaded.classifier or loaded.ckpt, list(call.texts))
+        if loaded.classifier is None:
+            loaded.classifier = classifier.load_classifier(loaded.ckpt)  # cached with it
+        preds = classifier.classify_texts(loaded.classifier, list(call.texts))
         return ClassifyResult(predictions=[Prediction.model_validate(p) for p in preds],
                               checkpoint_id=call.checkpoint.id)
 
