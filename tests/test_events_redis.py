@@ -25,7 +25,8 @@ from store.models import Job, JobStatus, new_id
 from store.progress import claim_job, finish_job, record_metrics
 from store.settings import Settings
 from tests.api.conftest import CORPUS, RecordingEnqueuer, bearer, create_key, small_spec
-from tests.api.test_events import Reader, _row, _Server
+from tests.api.test_events import Reader, _row
+from tests.support.uvicorn_thread import ThreadedServer
 
 # Safety net for events that must arrive, not a measured bound.
 DEADLINE_S = 60.0
@@ -143,7 +144,7 @@ def test_a_stream_reads_the_database_while_redis_is_down_and_redis_after(
     app = create_app(settings)
     enqueuer = RecordingEnqueuer()
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
-    with _Server(app) as server:
+    with ThreadedServer(app) as server:
         factory = app.state.session_factory
         headers = bearer(create_key(factory, "tester"))
         ds = httpx.post(f"{server.url}/v1/datasets", headers=headers,

@@ -6,10 +6,7 @@ through a real uvicorn on a socket of its own, read with httpx."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +37,7 @@ from store.progress import (
 )
 from store.settings import Settings
 from tests.api.conftest import CORPUS, RecordingEnqueuer, bearer, create_key, small_spec
+from tests.support.uvicorn_thread import ThreadedServer
 
 Factory = sessionmaker[Session]
 # Nothing listens on port 1: the stream finds Redis unreachable and reads the database.
@@ -269,31 +266,6 @@ def test_a_replayed_step_is_not_sent_again_and_a_differing_one_is_a_warning(
 # -- live, on a real server -------------------------------------------------------------------
 
 
-class _Server:
-    """uvicorn serving ``app`` on a socket of its own, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            self.thread.join(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-        self.sock.close()
-
-
 @dataclass
 class Live:
     url: str
@@ -313,7 +285,7 @@ def live(settings: Settings) -> Iterator[Live]:
     app = create_app(settings)
     enqueuer = RecordingEnqueuer()
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
-    with _Server(app) as server:
+    with ThreadedServer(app) as server:
         factory: Factory = app.state.session_factory
         key = create_key(factory, "tester")
         headers = bearer(key)

@@ -26,24 +26,20 @@ revoke the key it runs with).
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvicorn
 
 from app.deps import get_enqueuer
 from app.main import create_app
 from store import apikeys
 from store.settings import Settings
 from tests.api.conftest import RecordingEnqueuer
+from tests.support.uvicorn_thread import ThreadedServer
 
 # Generated cases per operation and phase (schemathesis' --max-examples), and the seed.
 MAX_EXAMPLES = 25
@@ -67,31 +63,6 @@ checks.negative_data_rejection.enabled = false
 """
 
 
-class _Server:
-    """uvicorn serving ``app`` on a socket of its own (127.0.0.1, a port the OS picks)."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            self.thread.join(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-        self.sock.close()
-
-
 @dataclass
 class Api:
     url: str
@@ -113,7 +84,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     app.dependency_overrides[get_enqueuer] = lambda: enqueuer
     config = root / "schemathesis.toml"
     config.write_text(CONFIG)
-    with _Server(app) as server:
+    with ThreadedServer(app) as server:
         with app.state.session_factory() as session:
             user = apikeys.create_key(session, "fuzzer")
             admin = apikeys.create_key(session, "fuzzadmin", is_admin=True)

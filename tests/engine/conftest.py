@@ -7,20 +7,21 @@ from typing import Any
 
 import pytest
 
-from core.contract import CheckpointBlob, StepMetrics
+from core.contract import CheckpointBlob
 from core.corpora import builtin_corpus, find_corpus
 from core.spec import JobSpec
 
 
 class RecordingHooks:
-    """Keeps every reported row and checkpoint; ``stop_when(rows)`` decides cancellation."""
+    """Keeps every reported row (a task's metric rows: ``StepMetrics``, the classifier's or
+    PPO's) and checkpoint; ``stop_when(rows)`` decides cancellation."""
 
-    def __init__(self, stop_when: Callable[[list[StepMetrics]], bool] | None = None) -> None:
-        self.rows: list[StepMetrics] = []
+    def __init__(self, stop_when: Callable[[list[Any]], bool] | None = None) -> None:
+        self.rows: list[Any] = []
         self.checkpoints: list[CheckpointBlob] = []
         self.stop_when = stop_when
 
-    def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
+    def on_metrics(self, rows: Sequence[Any]) -> None:
         self.rows.extend(rows)
 
     def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
@@ -31,6 +32,9 @@ class RecordingHooks:
 
     def last(self, kind: str) -> CheckpointBlob:
         return [c for c in self.checkpoints if c.kind == kind][-1]
+
+    def at(self, kind: str, step: int) -> CheckpointBlob:
+        return [c for c in self.checkpoints if c.kind == kind and c.step == step][-1]
 
 
 @pytest.fixture(autouse=True)
@@ -67,11 +71,8 @@ def make_spec(**training: Any) -> JobSpec:
     })
 
 
-def strip_timing(rows: Sequence[StepMetrics]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        d = r.as_dict()
-        d.pop("tokens_per_s")
-        d.pop("elapsed_s")
-        out.append(d)
-    return out
+def strip_timing(rows: Sequence[Any],
+                 timing: tuple[str, ...] = ("tokens_per_s", "elapsed_s")) -> list[dict[str, Any]]:
+    """``rows`` as dicts without their ``timing`` fields, the only ones that differ between
+    two equal runs."""
+    return [{k: v for k, v in r.as_dict().items() if k not in timing} for r in rows]

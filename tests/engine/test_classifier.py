@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from worker.engine.classifier import (
 from worker.engine.model import ModelConfig
 from worker.engine.trainer import train
 
-from .conftest import RecordingHooks
+from .conftest import RecordingHooks, strip_timing
 
 MARKERS = {"blue": "sky", "green": "leaf", "red": "apple"}
 
@@ -60,34 +60,11 @@ def synthetic(n: int, seed: int = 0, weights: Sequence[float] = (1, 1, 1)) -> li
     return out
 
 
-class Hooks:
-    """Records classification rows and checkpoints; ``stop_when(rows)`` cancels."""
-
-    def __init__(self, stop_when: Callable[[list[ClassifyStepMetrics]], bool] | None = None
-                 ) -> None:
-        self.rows: list[ClassifyStepMetrics] = []
-        self.checkpoints: list[CheckpointBlob] = []
-        self.stop_when = stop_when
-
-    def on_metrics(self, rows: Sequence[ClassifyStepMetrics]) -> None:
-        self.rows.extend(rows)
-
-    def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
-        self.checkpoints.append(checkpoint)
-
-    def should_stop(self) -> bool:
-        return bool(self.stop_when and self.stop_when(self.rows))
-
-    def last(self, kind: str) -> CheckpointBlob:
-        return [c for c in self.checkpoints if c.kind == kind][-1]
-
-    def at(self, kind: str, step: int) -> CheckpointBlob:
-        return [c for c in self.checkpoints if c.kind == kind and c.step == step][-1]
+CLASSIFY_TIMING = ("examples_per_s", "tokens_per_s", "elapsed_s")
 
 
 def untimed(rows: Sequence[ClassifyStepMetrics]) -> list[dict[str, Any]]:
-    skip = {"examples_per_s", "tokens_per_s", "elapsed_s"}
-    return [{k: v for k, v in r.as_dict().items() if k not in skip} for r in rows]
+    return strip_timing(rows, CLASSIFY_TIMING)
 
 
 def cspec(classify: dict[str, Any] | None = None, **training: Any) -> JobSpec:
@@ -127,7 +104,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.mark.parametrize("pooling", ["mean", "max", "last"])
 def test_a_synthetic_task_is_learned_to_high_accuracy(pooling: str) -> None:
     spec = cspec({"pooling": pooling}, top={"test_fraction": 0.2})
-    hooks = Hooks()
+    hooks = RecordingHooks()
     res = train_classifier(spec, ClassifyData(synthetic(600)), hooks)
     assert res.stop_reason == "max_steps" and res.steps == 60
     assert res.labels == ["blue", "green", "red"]
@@ -150,7 +127,7 @@ def test_a_synthetic_task_is_learned_to_high_accuracy(pooling: str) -> None:
 def test_best_checkpoint_metrics_are_scikit_learns_on_its_predictions() -> None:
     spec = cspec(max_steps=20, eval_interval=10, top={"test_fraction": 0.2})
     data = ClassifyData(synthetic(300, seed=3))
-    hooks = Hooks()
+    hooks = RecordingHooks()
     res = train_classifier(spec, data, hooks)
     _, val, test = split_examples(spec, data)
     assert test is not None
@@ -248,7 +225,7 @@ def test_freezing_keeps_the_encoder_for_n_steps_then_trains_it() -> None:
                  checkpoint_every_s=None, keep_checkpoints=100)
     data = ClassifyData(synthetic(200))
     initial = prepare(spec, data).model.state_dict()
-    hooks = Hooks()
+    hooks = RecordingHooks()
     train_classifier(spec, data, hooks)
     for step in range(1, 6):
         state = ckpt_state(hooks.at("periodic", step))
@@ -264,7 +241,7 @@ def test_class_weights_change_the_loss_as_computed_by_hand() -> None:
     weights = {"green": 3.0, "red": 0.5}
     spec = cspec({"class_weights": weights}, max_steps=1, eval_interval=1)
     plain = cspec(max_steps=1, eval_interval=1)
-    hooks, plain_hooks = Hooks(), Hooks()
+    hooks, plain_hooks = RecordingHooks(), RecordingHooks()
     res = train_classifier(spec, data, hooks)
     train_classifier(plain, data, plain_hooks)
     assert res.class_weights == [1.0, 3.0, 0.5]  # blue, green, red
@@ -297,7 +274,7 @@ def test_class_weights_change_the_loss_as_computed_by_hand() -> None:
 def test_balanced_class_weights_are_reported() -> None:
     data = ClassifyData(synthetic(200, weights=(6, 1, 1)))
     res = train_classifier(cspec({"class_weights": "balanced"}, max_steps=2, eval_interval=2),
-                           data, Hooks())
+                           data, RecordingHooks())
     assert res.class_weights is not None
     train, _, _ = split_examples(cspec(), data)
     assert res.class_weights == pytest.approx(
@@ -316,7 +293,7 @@ def test_init_from_copies_the_language_models_encoder_exactly() -> None:
     lm = load_checkpoint(lm_hooks.last("best").data)
     spec = cspec({"freeze_encoder_steps": 4}, max_steps=4, eval_interval=2,
                  model={"num_layers": 2}, top={"init_from": {"job_id": "job_lm"}})
-    hooks = Hooks()
+    hooks = RecordingHooks()
     res = train_classifier(spec, ClassifyData(data), hooks,
                            init_from=lm_hooks.last("best").data)
     final = load_checkpoint(hooks.last("last").data)
@@ -330,7 +307,8 @@ def test_init_from_copies_the_language_models_encoder_exactly() -> None:
     wide = cspec(model={"num_layers": 2, "hidden_dim": 64},
                  top={"init_from": {"job_id": "job_lm"}})
     with pytest.raises(TrainingError) as err:
-        train_classifier(wide, ClassifyData(data), Hooks(), init_from=lm_hooks.last("best").data)
+        train_classifier(wide, ClassifyData(data), RecordingHooks(),
+                         init_from=lm_hooks.last("best").data)
     assert err.value.code == "invalid_spec"
 
 
@@ -339,7 +317,7 @@ def test_pretrained_embeddings_initialise_the_classifier() -> None:
     spec = cspec(model={"pretrained_embeddings": {"path": "glove.txt", "freeze": True}},
                  max_steps=3, eval_interval=3)
     data = ClassifyData(synthetic(100), embeddings=glove)
-    hooks = Hooks()
+    hooks = RecordingHooks()
     res = train_classifier(spec, data, hooks)
     tok = load_checkpoint(hooks.last("last").data).tokenizer
     emb = ckpt_state(hooks.last("last"))["encoder.weight"]
@@ -358,12 +336,12 @@ def test_resume_after_cancel_reproduces_the_uninterrupted_run() -> None:
                  optimizer={"name": "adamw", "weight_decay": 0.01},
                  schedule={"kind": "plateau"})
     data = ClassifyData(synthetic(300, weights=(3, 1, 1)))
-    full = Hooks()
+    full = RecordingHooks()
     full_res = train_classifier(spec, data, full)
-    cancelled = Hooks(stop_when=lambda rows: bool(rows) and rows[-1].step >= 15)
+    cancelled = RecordingHooks(stop_when=lambda rows: bool(rows) and rows[-1].step >= 15)
     first = train_classifier(spec, data, cancelled)
     assert first.stop_reason == "cancelled" and cancelled.last("last").step == 15
-    resumed = Hooks()
+    resumed = RecordingHooks()
     res = train_classifier(spec, data, resumed, resume_from=cancelled.last("last").data)
     assert [r.step for r in resumed.rows] == list(range(16, 41))
     assert untimed(cancelled.rows + resumed.rows) == untimed(full.rows)
@@ -376,9 +354,9 @@ def test_resume_from_a_periodic_checkpoint_continues_exactly() -> None:
     spec = cspec(max_steps=30, checkpoint_interval=12, eval_interval=6,
                  model={"dropout": 0.2}, top={"test_fraction": 0.1})
     data = ClassifyData(synthetic(250))
-    full = Hooks()
+    full = RecordingHooks()
     full_res = train_classifier(spec, data, full)
-    resumed = Hooks()
+    resumed = RecordingHooks()
     res = train_classifier(spec, data, resumed, resume_from=full.at("periodic", 12).data)
     assert untimed(resumed.rows) == untimed(full.rows[12:])
     assert res.test_accuracy == full_res.test_accuracy
@@ -388,7 +366,7 @@ def test_resume_from_a_periodic_checkpoint_continues_exactly() -> None:
 def test_a_cancel_during_validation_is_finished_by_the_resumed_run() -> None:
     spec = cspec(max_steps=12, eval_interval=6, log_interval=3)
     data = ClassifyData(synthetic(200))
-    full = Hooks()
+    full = RecordingHooks()
     train_classifier(spec, data, full)
     polls = {"n": 0}
 
@@ -397,10 +375,10 @@ def test_a_cancel_during_validation_is_finished_by_the_resumed_run() -> None:
             polls["n"] += 1
         return polls["n"] > 4
 
-    cut = Hooks(stop_when=stop)
+    cut = RecordingHooks(stop_when=stop)
     assert train_classifier(spec, data, cut).stop_reason == "cancelled"
     assert cut.last("last").step == 6 and cut.rows[-1].val_loss is None
-    resumed = Hooks()
+    resumed = RecordingHooks()
     train_classifier(spec, data, resumed, resume_from=cut.last("last").data)
     assert untimed(resumed.rows) == untimed(full.rows[5:])
 
@@ -408,16 +386,16 @@ def test_a_cancel_during_validation_is_finished_by_the_resumed_run() -> None:
 def test_bad_labelled_data_is_a_dataset_error() -> None:
     one_label = [(f"w{i} sky", "blue") for i in range(50)]
     with pytest.raises(TrainingError) as err:
-        train_classifier(cspec(), ClassifyData(one_label), Hooks())
+        train_classifier(cspec(), ClassifyData(one_label), RecordingHooks())
     assert err.value.code == "dataset_error"
     with pytest.raises(TrainingError) as err:
         train_classifier(cspec(), ClassifyData(synthetic(100),
-                                               validation=[("sky", "purple")]), Hooks())
+                                               validation=[("sky", "purple")]), RecordingHooks())
     assert err.value.code == "dataset_error" and "purple" in err.value.message
 
 
 def test_classify_texts_gives_labels_and_probabilities() -> None:
-    hooks = Hooks()
+    hooks = RecordingHooks()
     train_classifier(cspec(), ClassifyData(synthetic(400)), hooks)
     blob = hooks.last("best").data
     out = classify_texts(blob, ["w1 w2 sky w3", "apple w9", "", "leaf " * 1000])

@@ -24,7 +24,7 @@ from core.contract import CorpusTexts, TrainingError
 from core.corpora import find_corpus
 from core.ppo import PPOStepMetrics
 from core.spec import JobSpec, PPOSpec
-from tests.engine.conftest import RecordingHooks
+from tests.engine.conftest import RecordingHooks, strip_timing
 from worker.engine.checkpoint import (
     build_model_from_checkpoint,
     load_checkpoint,
@@ -356,14 +356,7 @@ def test_keyword_reward_rises_with_the_kl_held_near_its_target() -> None:
 # -- resume -----------------------------------------------------------------------------------
 
 
-def strip_timing(rows: Sequence[Any]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        d = r.as_dict()
-        d.pop("rollout_tokens_per_s")
-        d.pop("elapsed_s")
-        out.append(d)
-    return out
+PPO_TIMING = ("rollout_tokens_per_s", "elapsed_s")
 
 
 def test_resume_after_a_cancel_repeats_the_uninterrupted_run() -> None:
@@ -380,7 +373,8 @@ def test_resume_after_a_cancel_repeats_the_uninterrupted_run() -> None:
     cancelled = first.last("last")
     assert cancelled.step == 4
     resumed = run(spec, init, prompts, resume_from=cancelled.data)
-    assert strip_timing(first.rows + resumed.rows) == strip_timing(full.rows)
+    assert (strip_timing(first.rows + resumed.rows, PPO_TIMING)
+            == strip_timing(full.rows, PPO_TIMING))
     assert first.samples + resumed.samples == full.samples
     a = tensors(full.last("last").data, ("model.", "value_head.", "optim."))
     b = tensors(resumed.last("last").data, ("model.", "value_head.", "optim."))
