@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from core.classification import (
     ClassificationMetrics,
@@ -181,9 +181,7 @@ def pad_batch(seqs: Sequence[Sequence[int]],
     """``(ids, lengths)``: ids (batch, max length) int64 on ``device``, padded with 0;
     lengths (batch,) int64 on the CPU (what ``pack_padded_sequence`` wants)."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True)
     return ids.to(device), lengths
 
 
