@@ -27,11 +27,6 @@ from store.models import Checkpoint, CheckpointKind, Job, JobStatus
 ENCODER_FIELDS = ("embed_dim", "hidden_dim", "num_layers")
 
 
-def dataset_kind(row: Any) -> str:
-    """A dataset row's kind ("text" or "labelled"); "text" for rows without the column."""
-    return str(getattr(row, "kind", None) or "text")
-
-
 def check_labelled_sources(session: Session, principal: Principal, spec: JobSpec) -> None:
     """422 naming the dataset field when a classify job's dataset is not labelled (another
     principal's or an unknown dataset: "does not exist", as for a language-model job), and
@@ -45,13 +40,13 @@ def check_labelled_sources(session: Session, principal: Principal, spec: JobSpec
         if source.id is None:
             continue  # builtin: refused by the spec; path: refused by app.jobs
         row = spec_dataset(session, principal, source.id, field)
-        if dataset_kind(row) != "labelled":
+        if row.kind != "labelled":
             raise ValidationFailed(
-                f"dataset {source.id!r} is a {dataset_kind(row)} dataset; task 'classify' needs "
+                f"dataset {source.id!r} is a {row.kind} dataset; task 'classify' needs "
                 "a labelled one (upload JSON Lines with \"text\" and \"label\", or CSV)",
                 code="dataset_not_labelled", field=field)
         if source is spec.dataset:
-            train_labels = getattr(row, "labels", None)
+            train_labels = row.labels
     assert spec.classify is not None
     weights = spec.classify.class_weights
     if isinstance(weights, dict) and train_labels:

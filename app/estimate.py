@@ -114,7 +114,7 @@ def calibrate(client: InferenceClient | None, spec: JobSpec, vocab: int, setting
               warnings: list[str]) -> tuple[CalibrationOut, float] | None:
     """The calibration and its seconds per step, from the inference server; None with a
     ``warnings`` entry when it cannot be had."""
-    if getattr(spec, "task", "lm") != "lm":
+    if spec.task != "lm":
         warnings.append("seconds_per_step is measured for language-model jobs only")
         return None
     if client is None:
@@ -152,7 +152,7 @@ def estimate_job(session: Session, principal: Principal, spec: JobSpec, settings
     except quotas.QuotaExceeded as exc:
         warnings.append(f"a submission now would be refused (429 quota_exceeded): "
                         f"{exc.message}")
-    if getattr(spec, "task", "lm") == "ppo":
+    if spec.task == "ppo":
         bound, num_labels = vocab_bound(spec, stats["train"]), None
     else:
         bound, num_labels = jobs.size_basis(session, principal, spec, stats["train"])

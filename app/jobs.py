@@ -100,7 +100,7 @@ def _text_datasets_only(session: Session, principal: Principal, spec: JobSpec) -
         if source is None or source.id is None:
             continue
         row = get_dataset(session, principal, source.id)  # exists: _source_stats checked it
-        if getattr(row, "kind", "text") == "labelled":
+        if row.kind == "labelled":
             raise ValidationFailed(
                 f"dataset {source.id!r} is a labelled dataset ({row.num_examples} examples of "
                 "text and label); a language model trains on a text dataset: upload the texts "
@@ -147,7 +147,7 @@ def validate_sources(session: Session, principal: Principal,
                                    field="model.pretrained_embeddings.path")
         assert emb.dataset_id is not None
         spec_dataset(session, principal, emb.dataset_id, field)
-    if getattr(spec, "task", "lm") == "classify":
+    if spec.task == "classify":
         classify.check_labelled_sources(session, principal, spec)  # examples, not tokens
     else:
         _text_datasets_only(session, principal, spec)
@@ -170,9 +170,9 @@ def size_basis(session: Session, principal: Principal, spec: JobSpec,
         except NotFound:
             row = None
     num_labels = None
-    if getattr(spec, "task", "lm") == "classify":
-        num_labels = len(getattr(row, "labels", None) or {}) or 2
-    init = getattr(spec, "init_from", None)
+    if spec.task == "classify":
+        num_labels = len((row.labels if row is not None else None) or {}) or 2
+    init = spec.init_from
     if init is not None:
         try:
             source = get_job(session, principal, init.job_id)
@@ -191,7 +191,7 @@ def check_job(session: Session, principal: Principal, spec: JobSpec,
     with ``settings`` the job's size, :func:`app.quotas.check_job_size`): the spec as it would
     be stored and its datasets' statistics. Used by :func:`create_job` and the dry run
     (:mod:`app.estimate`). A PPO job: :func:`app.ppo.check_ppo_job`."""
-    if getattr(spec, "task", "lm") == "ppo":
+    if spec.task == "ppo":
         return ppo.check_ppo_job(session, principal, spec, settings)
     stats = validate_sources(session, principal, spec)
     spec = classify.resolve_init_from(session, principal, spec)

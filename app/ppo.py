@@ -26,6 +26,7 @@ The returned spec names every checkpoint by id (``init_from.checkpoint``,
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,12 +37,11 @@ from app.classify import (
     ENCODER_FIELDS,
     _resolve_checkpoint,
     adopt_checkpoint_model,
-    dataset_kind,
 )
 from app.datasets import get_dataset, spec_dataset
 from core.errors import NotFound, ValidationFailed
 from core.estimate import device_class, train_memory, vocab_bound
-from core.spec import JobSpec, TrainingSpec
+from core.spec import LM_CHECKPOINT_TASKS, JobSpec, TrainingSpec
 from core.textstats import TextStats, builtin_stats
 from store.models import Checkpoint, Job, JobStatus
 from store.settings import Settings
@@ -85,7 +85,7 @@ def _refuse_ignored_fields(spec: JobSpec) -> None:
 
 
 def _succeeded_job(session: Session, principal: Principal, job_id: str, field: str,
-                   tasks: tuple[str, ...], what: str) -> tuple[Job, JobSpec]:
+                   tasks: Collection[str], what: str) -> tuple[Job, JobSpec]:
     """The principal's succeeded job ``job_id`` of one of ``tasks`` and its spec; a 422
     naming ``field`` otherwise."""
     from app.jobs import get_job  # app.jobs imports this module
@@ -105,7 +105,7 @@ def _succeeded_job(session: Session, principal: Principal, job_id: str, field: s
     if job_spec.task not in tasks:
         raise ValidationFailed(
             f"job {job_id} is a {job_spec.task} job; {what} needs a "
-            f"{' or '.join(repr(t) for t in tasks)} job", code="wrong_task", field=field)
+            f"{' or '.join(repr(t) for t in sorted(tasks))} job", code="wrong_task", field=field)
     return job, job_spec
 
 
@@ -164,7 +164,7 @@ def _resolve_policy(session: Session, principal: Principal, spec: JobSpec,
     JSON), refusing ``model``/``tokenizer`` fields given with other values."""
     assert spec.init_from is not None
     source, source_spec = _succeeded_job(session, principal, spec.init_from.job_id,
-                                         "init_from.job_id", ("lm", "ppo"), "init_from")
+                                         "init_from.job_id", LM_CHECKPOINT_TASKS, "init_from")
     ckpt = _checkpoint(session, source, spec.init_from.checkpoint, "init_from.checkpoint")
     adopt_checkpoint_model(spec, source_spec, data, MODEL_FIELDS)
     data["init_from"] = {"job_id": source.id, "checkpoint": ckpt.id}
@@ -176,9 +176,9 @@ def _check_prompts(session: Session, principal: Principal, spec: JobSpec) -> Non
     if prompts.dataset_id is not None:
         field = "ppo.prompts.dataset_id"
         row = spec_dataset(session, principal, prompts.dataset_id, field)
-        if dataset_kind(row) != "text":
+        if row.kind != "text":
             raise ValidationFailed(
-                f"dataset {prompts.dataset_id!r} is a {dataset_kind(row)} dataset; the prompts "
+                f"dataset {prompts.dataset_id!r} is a {row.kind} dataset; the prompts "
                 "are a text dataset, one prompt per line", code="dataset_not_text",
                 field=field)
         if row.num_words == 0:
@@ -213,7 +213,7 @@ def _resolve_reward(session: Session, principal: Principal, spec: JobSpec,
         return
     if reward.kind == "lm_loglik":
         job, _ = _succeeded_job(session, principal, reward.job_id, "ppo.reward.job_id",
-                                ("lm", "ppo"), "the lm_loglik reward")
+                                LM_CHECKPOINT_TASKS, "the lm_loglik reward")
     elif reward.kind == "classifier":
         job, _ = _succeeded_job(session, principal, reward.job_id, "ppo.reward.job_id",
                                 ("classify",), "the classifier reward")

@@ -58,7 +58,7 @@ def lstm_params(embed_dim: int, hidden_dim: int, num_layers: int) -> int:
 
 
 def _is_classify(spec: JobSpec) -> bool:
-    return getattr(spec, "task", "lm") == "classify"
+    return spec.task == "classify"
 
 
 def param_count(spec: JobSpec, vocab_size: int, num_labels: int | None = None) -> int:

@@ -469,6 +469,12 @@ class PPOSpec(_Strict):
         return self
 
 
+# Tasks whose checkpoints hold a language model (weights, config and tokenizer): a PPO job's
+# are its policy's, so generation, scoring, export, another PPO job's init_from and an
+# lm_loglik reward take them as they take a language-model job's.
+LM_CHECKPOINT_TASKS: frozenset[str] = frozenset({"lm", "ppo"})
+
+
 class JobSpec(_Strict):
     """A training job. The data is ``dataset_id`` (an uploaded dataset) or ``dataset``
     (``{"id"}``, ``{"builtin": "python-docs"}`` or, for ``lmforge train`` only, ``{"path"}``);

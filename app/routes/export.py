@@ -22,13 +22,12 @@ from app.http_errors import ErrorBody
 from app.params import ID_MAX_CHARS, JobIdPath
 from app.routes.files import content_disposition
 from app.routes.inference import (
-    LM_TASKS,
     InferenceClientDep,
     job_task,
     resolve_checkpoint,
 )
 from core.errors import WrongTask
-from core.spec import NO_CONTROL_PATTERN, check_text
+from core.spec import LM_CHECKPOINT_TASKS, NO_CONTROL_PATTERN, check_text
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -80,7 +79,7 @@ def export_checkpoint(
     """The checkpoint's model as ``format`` (module docstring), named
     ``<job>-<kind>-step<step>.<format>``."""
     job, ckpt = resolve_checkpoint(session, principal, job_id, checkpoint_id)
-    if job_task(job) not in LM_TASKS:
+    if job_task(job) not in LM_CHECKPOINT_TASKS:
         raise WrongTask(f"export covers language-model jobs; job {job.id} is a "
                         f"{job_task(job)!r} job", field="checkpoint_id")
     name = f"{job.id}-{ckpt.kind.value}-step{ckpt.step}.{SUFFIXES[format]}"

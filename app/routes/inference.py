@@ -32,6 +32,7 @@ from core.inference import (
     ScoreParams,
     ScoreResult,
 )
+from core.spec import LM_CHECKPOINT_TASKS
 from store.models import Checkpoint, CheckpointKind, Job
 from store.settings import Settings
 
@@ -146,14 +147,11 @@ def job_task(job: Job) -> str:
     return str((job.spec or {}).get("task") or "lm")
 
 
-# Tasks whose checkpoints are language models: a PPO job's are its policy's (the same
-# weights, config and tokenizer), so generate, score and export take them too.
-LM_TASKS = frozenset({"lm", "ppo"})
 
 
 def _require_task(job: Job, task: str, route: str) -> None:
     actual = job_task(job)
-    if actual != task and not (task == "lm" and actual in LM_TASKS):
+    if actual != task and not (task == "lm" and actual in LM_CHECKPOINT_TASKS):
         other = "classify" if actual == "classify" else "generate and score"
         raise WrongTask(f"{route} does not apply to job {job.id}: its task is {actual!r}, and "
                         f"{route} needs a {task!r} job; use {other} instead", field="task")

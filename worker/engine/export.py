@@ -75,7 +75,7 @@ class NotExportable(ValueError):
 def _check_language_model(ckpt: LoadedCheckpoint) -> None:
     """Raises :class:`NotExportable` for a checkpoint of a job whose model is not the
     language model (``task: classify``)."""
-    task = getattr(ckpt.spec, "task", "lm")
+    task = ckpt.spec.task
     if task not in ("lm", "ppo"):  # a PPO job's checkpoint holds its policy, an LM
         raise NotExportable(f"export covers language-model checkpoints; this one is of a "
                             f"{task!r} job")

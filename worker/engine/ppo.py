@@ -71,7 +71,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from core.contract import CheckpointBlob, CheckpointKind, StopReason, TrainingError
 from core.ppo import PPOResult, PPOStepMetrics
-from core.spec import JobSpec, PromptsSpec
+from core.spec import LM_CHECKPOINT_TASKS, JobSpec, PromptsSpec
 from worker.engine.checkpoint import (
     LoadedCheckpoint,
     _cpu,
@@ -313,7 +313,7 @@ def load_policy(data: bytes | LoadedCheckpoint) -> LoadedCheckpoint:
     (or PPO) job's. Raises ``TrainingError("invalid_checkpoint")`` for an unreadable file,
     ``TrainingError("invalid_spec")`` for another task's checkpoint."""
     ckpt = load_checkpoint(data) if isinstance(data, bytes | bytearray) else data
-    if ckpt.spec.task not in ("lm", "ppo"):
+    if ckpt.spec.task not in LM_CHECKPOINT_TASKS:
         raise TrainingError("invalid_spec", f"init_from names a {ckpt.spec.task!r} job; a PPO "
                             "policy starts from a language model's checkpoint")
     return ckpt

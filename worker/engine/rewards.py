@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from core.contract import TrainingError
 from core.spec import (
+    LM_CHECKPOINT_TASKS,
     CharFractionReward,
     ClassifierReward,
     KeywordsReward,
@@ -215,7 +216,7 @@ class LMLoglik:
 
     def __init__(self, data: bytes) -> None:
         ckpt = load_checkpoint(data)
-        if ckpt.spec.task not in ("lm", "ppo"):
+        if ckpt.spec.task not in LM_CHECKPOINT_TASKS:
             raise TrainingError("invalid_spec", f"ppo.reward.job_id names a "
                                 f"{ckpt.spec.task!r} job; lm_loglik needs a language model")
         self.tok = ckpt.tokenizer

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import Conflict, ValidationFailed, WrongTask
 from core.estimate import device_class, train_memory_bytes
 from core.inference import ServerCall
-from core.spec import JobSpec
+from core.spec import LM_CHECKPOINT_TASKS, JobSpec
 from worker.engine import export as ex
 from worker.engine.calibrate import calibrate
 from worker.engine.generate import DeadlineExceeded
@@ -61,7 +61,7 @@ def export_route(call: ExportCall, request: Request) -> Response:
     """The exported file (module docstring)."""
 
     def work(loaded: LoadedModel, _: Callable[[], bool]) -> bytes:
-        if loaded.task not in ("lm", "ppo"):  # a PPO checkpoint's model is an LM
+        if loaded.task not in LM_CHECKPOINT_TASKS:
             raise WrongTask(f"export covers language-model jobs; this checkpoint is of a "
                             f"{loaded.task!r} job")
         with torch.no_grad():

@@ -43,7 +43,7 @@ class LoadedModel:
 
     @property
     def task(self) -> str:
-        return str(getattr(self.ckpt.spec, "task", "lm"))
+        return self.ckpt.spec.task
 
     def lm(self) -> tuple[LSTMLanguageModel, Utf8Table | None]:
         if self.model is None:

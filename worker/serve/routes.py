@@ -31,6 +31,7 @@ from core.inference import (
     ServerCall,
     TokenLoss,
 )
+from core.spec import LM_CHECKPOINT_TASKS
 from worker.engine import generate as gen
 from worker.serve.models import LoadedModel, ModelCache
 
@@ -76,7 +77,7 @@ def run_call(request: Request, call: ServerCall,
 
 
 def _require_lm(loaded: LoadedModel, what: str) -> None:
-    if loaded.task not in ("lm", "ppo"):  # a PPO checkpoint's model is its policy, an LM
+    if loaded.task not in LM_CHECKPOINT_TASKS:
         raise WrongTask(f"{what} needs a language-model job; this checkpoint is of a "
                         f"{loaded.task!r} job (use /classify)")
 
