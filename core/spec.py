@@ -469,6 +469,25 @@ class PPOSpec(_Strict):
         return self
 
 
+# A Celery queue name a job may ask for (resources.queue): lowercase letters, digits, ".", "_"
+# and "-", starting with a letter or digit.
+QUEUE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class ResourcesSpec(_Strict):
+    """Where a job runs (docs/deploy.md, "Queues and devices"). ``device``: the device class
+    the job needs ("cuda", "cpu", or "auto": any worker); None takes the class of
+    ``training.device`` ("cuda:N" is "cuda"). ``gpus``: the number of data-parallel processes
+    (DistributedDataParallel; one per GPU on "cuda", gloo processes on the CPU for "cpu");
+    ``training.batch_size`` is per process, so the global batch is ``batch_size * gpus``.
+    ``queue``: a named Celery queue instead of the one the device class and ``gpus`` imply
+    (:func:`core.routing.job_route`)."""
+
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    gpus: int = Field(default=1, ge=1, le=64)
+    queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
+
+
 # Tasks whose checkpoints hold a language model (weights, config and tokenizer): a PPO job's
 # are its policy's, so generation, scoring, export, another PPO job's init_from and an
 # lm_loglik reward take them as they take a language-model job's.
@@ -504,6 +523,27 @@ class JobSpec(_Strict):
     # TensorBoard / MLflow integrations (at most one of each kind). Neither changes training.
     notify: NotifySpec | None = None
     integrations: list[Integration] = Field(default_factory=list, max_length=2)
+    # Scheduling (docs/deploy.md): the queue / device class / process count, and the order
+    # within a queue: 0 (lowest) to 9 (highest); equal priorities run in submission order.
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    priority: int = Field(default=5, ge=0, le=9)
+
+    @model_validator(mode="after")
+    def _resources_device(self) -> JobSpec:
+        # resources.device and training.device describe one device: fill the one left out
+        # from the other, and refuse a contradiction (the message names resources.device).
+        train_class = self.training.device.split(":")[0]
+        if self.resources.device is None:
+            self.resources.device = train_class  # type: ignore[assignment]
+        elif self.training.device == "auto":
+            self.training.device = self.resources.device
+        elif self.resources.device != "auto" and self.resources.device != train_class:
+            raise ValueError(f"resources.device is {self.resources.device!r} but "
+                             f"training.device is {self.training.device!r}: give one device")
+        if self.resources.gpus > 1 and self.task != "lm":
+            raise ValueError(f"resources.gpus > 1 (data-parallel training) applies only to "
+                             f"task 'lm', not {self.task!r}")
+        return self
 
     @model_validator(mode="after")
     def _one_integration_per_kind(self) -> JobSpec:
