@@ -45,6 +45,7 @@ from lmforge.processes import (
     terminate,
 )
 from tests.support.postgres import PostgresServer
+from tests.support.s3 import s3_server  # noqa: F401  (the session fixture, for every test)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_START_TIMEOUT_S = 90.0
@@ -212,11 +213,16 @@ def start_service(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Service]]:
     """``start_service(database_url, name=...)`` starts an API and a worker and waits until the
-    API is healthy. Each service gets its own LMFORGE_HOME and Redis database number."""
+    API is healthy. Each service gets its own LMFORGE_HOME and Redis database number.
+    ``extra_env`` adds to (or overrides) the processes' environment, e.g.
+    ``tests.support.s3.s3_env(...)`` for S3 storage."""
     redis_db = itertools.count(1)
     started: list[Service] = []
 
-    def start(database_url: str, name: str = "svc", inference: bool = False) -> Service:
+    def start(
+        database_url: str, name: str = "svc", inference: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> Service:
         home = tmp_path_factory.mktemp(f"service-{name}")
         n = next(redis_db)
         if n > 15:
@@ -228,6 +234,7 @@ def start_service(
             "DATABASE_URL": database_url,
             "REDIS_URL": svc_redis,
             "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
         }
         serve_port = free_port() if inference else None
         if serve_port is not None:
