@@ -1,4 +1,5 @@
-# LMForge: one image for the API, the worker and the migrate step (`lmforge api|worker|db upgrade`).
+# LMForge: one image for the API, the workers, the inference server and the migrate step
+# (`lmforge api|worker|serve|db upgrade`).
 #
 #   docker build -t lmforge:cpu .                                   # CPU PyTorch (default)
 #   docker build -t lmforge:cuda \
@@ -32,15 +33,18 @@ COPY worker ./worker
 COPY lmforge ./lmforge
 COPY migrations ./migrations
 # The project itself (its dependencies are constrained in pyproject.toml; torch is already
-# satisfied by the pinned build above).
+# satisfied by the pinned build above), with the PostgreSQL driver and the S3 storage backend
+# (boto3: LMFORGE_STORAGE_URL=s3://BUCKET/PREFIX).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[postgres]"
+RUN pip install --no-cache-dir ".[postgres,s3]"
 
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
 
-# The API's health check lives in docker-compose.yml: the same image also runs the worker.
+# The API's health check lives in docker-compose.yml (and docs/k8s/): the same image also runs
+# the workers. /data holds only a process's local files (the token cache) once
+# LMFORGE_STORAGE_URL points at an object store.
 
 ENTRYPOINT ["lmforge"]
 CMD ["api", "--host", "0.0.0.0", "--port", "8000"]
