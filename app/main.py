@@ -26,7 +26,7 @@ from core.spec import JobSpec
 from store.db import make_engine, make_session_factory, upgrade_database
 from store.queue import CeleryEnqueuer, Enqueuer, make_celery
 from store.settings import Settings, get_settings
-from store.storage import LocalStorage, Storage
+from store.storage import Storage, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def create_app(
     enqueuer: Enqueuer | None = None,
 ) -> FastAPI:
     """Build the API. ``settings`` defaults to :func:`get_settings` at startup; ``storage``
-    to ``LocalStorage(settings.storage_dir)``; ``enqueuer`` to Celery on ``REDIS_URL``."""
+    to ``make_storage(settings)`` (local files or S3); ``enqueuer`` to Celery on ``REDIS_URL``."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,7 +56,7 @@ def create_app(
         engine = make_engine(s.sqlalchemy_url)
         app.state.settings = s
         app.state.session_factory = make_session_factory(engine)
-        app.state.storage = storage or LocalStorage(s.storage_dir)
+        app.state.storage = storage or make_storage(s)
         app.state.enqueuer = enqueuer or CeleryEnqueuer(make_celery(s))
         log.info("LMForge API ready (database %s)", engine.url.render_as_string())
         dispatcher = start_webhooks(app.state.session_factory, s)  # None: no webhook secret

@@ -581,7 +581,9 @@ class Checkpoints:
             digest = hashlib.sha256()
             done = 0
             try:
-                with self._c.http.stream("GET", url) as response:
+                # follow_redirects: with LMFORGE_DOWNLOAD_PRESIGN_S the API answers 307 to a
+                # presigned object-store URL (httpx drops the API key on the way there).
+                with self._c.http.stream("GET", url, follow_redirects=True) as response:
                     if response.status_code != 200:
                         response.read()
                         raise LMForgeError.from_response(response)

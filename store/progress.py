@@ -43,7 +43,7 @@ from store.models import (
     utcnow,
 )
 from store.status import transition
-from store.storage import Storage, sha256_hex
+from store.storage import BlobCorrupt, Storage, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,10 @@ def resume_point(session: Session, storage: Storage, job_id: str) -> ResumePoint
     step = 0
     doomed: list[Checkpoint] = []
     for c in candidates:
-        blob = storage.read_bytes(c.storage_key) if storage.exists(c.storage_key) else None
+        try:
+            blob = storage.read_bytes(c.storage_key) if storage.exists(c.storage_key) else None
+        except (FileNotFoundError, BlobCorrupt):  # gone meanwhile, or damaged (object store)
+            blob = None
         if blob is not None and sha256_hex(blob) == c.sha256:
             data, step = blob, c.step
             break

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -140,6 +140,38 @@ class Settings(BaseSettings):
     # A job's Redis stream expires this long after its terminal status (seconds); any stream
     # expires a week after its last entry.
     events_ttl_s: int = Field(default=3600, ge=1, alias="LMFORGE_EVENTS_TTL_S")
+
+    # -- Object storage (docs/operations.md, "Object storage (S3)") -----------------------------
+    # Where datasets and checkpoints are kept: unset, files under LMFORGE_HOME/storage;
+    # "s3://BUCKET/PREFIX", an S3-compatible object store (store.s3storage; needs the "s3"
+    # extra), reached at AWS_ENDPOINT_URL with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    # AWS_DEFAULT_REGION (read by boto3 itself). A malformed URL stops the process at start.
+    storage_url: str | None = Field(default=None, alias="LMFORGE_STORAGE_URL")
+    # Blobs at least this large are uploaded in parts of s3_multipart_chunk_bytes, several at a
+    # time (boto3's TransferConfig); S3 needs parts of at least 5 MiB (bytes).
+    s3_multipart_threshold_bytes: int = Field(default=64 * 1024**2, ge=5 * 1024**2,
+                                              alias="LMFORGE_S3_MULTIPART_THRESHOLD_BYTES")
+    s3_multipart_chunk_bytes: int = Field(default=16 * 1024**2, ge=5 * 1024**2,
+                                          alias="LMFORGE_S3_MULTIPART_CHUNK_BYTES")
+    # How buckets are addressed: "path" (http://HOST/BUCKET/KEY: MinIO and most self-hosted
+    # stores), "virtual" (http://BUCKET.HOST/KEY) or "auto" (boto3 decides; AWS S3).
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", alias="LMFORGE_S3_ADDRESSING_STYLE")
+    # With S3 storage: a checkpoint download is answered with 307 to a presigned URL of the
+    # object that is valid this many seconds, instead of streaming it through the API. Unset:
+    # the API streams it. Clients must then reach the store at AWS_ENDPOINT_URL themselves.
+    download_presign_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600,
+                                           alias="LMFORGE_DOWNLOAD_PRESIGN_S")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _valid_storage_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from store.storage import parse_storage_url
+
+        parse_storage_url(value.strip())  # a ValueError names the variable and the problem
+        return value.strip()
 
     @property
     def heartbeat_interval_s(self) -> float:

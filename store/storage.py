@@ -1,8 +1,9 @@
 """Blob storage for datasets and checkpoints behind one small interface.
 
-``LocalStorage`` keeps blobs under a directory (``Settings.storage_dir`` by default); an object
-store can implement :class:`Storage` later so that several machines share blobs. Keys are
-relative POSIX paths such as ``datasets/ds_<hex>.txt``.
+``LocalStorage`` keeps blobs under a directory (``Settings.storage_dir`` by default);
+``store.s3storage.S3Storage`` keeps them in an S3-compatible object store so that several
+machines share them. :func:`make_storage` picks one from ``LMFORGE_STORAGE_URL`` (unset: local;
+``s3://BUCKET/PREFIX``: S3). Keys are relative POSIX paths such as ``datasets/ds_<hex>.txt``.
 
 Keys are never built from user input: the service makes them from the ids it generates
 (``datasets/<dataset id>.txt``, ``checkpoints/<job id>/<checkpoint id>.safetensors``), and a
@@ -21,14 +22,36 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+from urllib.parse import urlsplit
 
 from core.errors import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from store.settings import Settings
 
 CHUNK_BYTES = 1 << 20
 # A storage key: "/"-separated segments of letters, digits, "_", "-" and ".", none starting with
 # "." (so no "." or ".." segment and no hidden file).
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+MAX_KEY_CHARS = 1024
+# An S3 bucket name (the rules of AWS S3's general purpose buckets).
+BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class BlobCorrupt(OSError):
+    """A stored blob's bytes do not match the sha256 recorded with it (an object store's
+    ``x-amz-meta-sha256``): the blob is damaged and must not be used. An ``OSError``, so a
+    reader that treats unreadable blobs as errors (``TextSource``) reports it as one; the
+    callers that have a code for damaged blobs (``checkpoint_corrupt``, ...) catch it."""
+
+
+def check_key(key: str) -> str:
+    """``key`` when it is a storage key of the shape :data:`KEY_PATTERN` (at most
+    :data:`MAX_KEY_CHARS` characters); else ``ValueError``."""
+    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
 
 
 class BlobWriter:
@@ -95,9 +118,7 @@ class LocalStorage:
     def path(self, key: str) -> Path:
         """The file of ``key`` under the root. Raises ``ValueError`` for a key that is not of
         the shape :data:`KEY_PATTERN` or that resolves outside the root (a symlink)."""
-        if not isinstance(key, str) or len(key) > 1024 or not KEY_PATTERN.fullmatch(key):
-            raise ValueError(f"invalid storage key {key!r}")
-        path = self.root / key
+        path = self.root / check_key(key)
         if not path.resolve().is_relative_to(self.root):
             raise ValueError(f"invalid storage key {key!r}: outside the storage root")
         return path
@@ -146,6 +167,48 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+def parse_storage_url(url: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of an ``LMFORGE_STORAGE_URL`` of the form ``s3://BUCKET`` or
+    ``s3://BUCKET/PREFIX`` (prefix: "/"-separated segments of the shape of a storage key, no
+    trailing "/"; "" when absent). Raises ``ValueError`` naming the variable and the problem."""
+    where = f"LMFORGE_STORAGE_URL={url!r}"
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError(f"{where}: the scheme must be s3 (s3://BUCKET/PREFIX)")
+    if parts.query or parts.fragment or parts.username or parts.password or parts.port:
+        raise ValueError(f"{where}: only s3://BUCKET/PREFIX is allowed (no credentials, port, "
+                         "query or fragment; the endpoint is AWS_ENDPOINT_URL)")
+    if not BUCKET_PATTERN.fullmatch(parts.hostname or "") or parts.hostname != parts.netloc:
+        raise ValueError(f"{where}: {parts.netloc!r} is not a valid bucket name (3-63 "
+                         "characters: lower-case letters, digits, '.' and '-')")
+    prefix = parts.path.strip("/")
+    if prefix and (len(prefix) > 256 or not KEY_PATTERN.fullmatch(prefix)):
+        raise ValueError(f"{where}: the prefix {prefix!r} must be '/'-separated segments of "
+                         "letters, digits, '_', '-' and '.', none starting with '.'")
+    return parts.netloc, prefix
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The service's blob storage: :class:`LocalStorage` under ``settings.storage_dir`` when
+    ``LMFORGE_STORAGE_URL`` is unset, ``store.s3storage.S3Storage`` when it is
+    ``s3://BUCKET/PREFIX`` (endpoint, credentials and region from the standard ``AWS_*``
+    variables, read by boto3). Raises ``ValueError`` for a malformed URL and ``RuntimeError``
+    when S3 is asked for but boto3 (the ``s3`` extra) is not installed."""
+    if not settings.storage_url:
+        return LocalStorage(settings.storage_dir)
+    bucket, prefix = parse_storage_url(settings.storage_url)
+    try:
+        from store.s3storage import S3Storage
+    except ImportError as exc:
+        raise RuntimeError(
+            f"LMFORGE_STORAGE_URL is {settings.storage_url!r} but boto3 is not installed: "
+            "pip install 'lmforge[s3]'") from exc
+    return S3Storage(bucket, prefix,
+                     multipart_threshold=settings.s3_multipart_threshold_bytes,
+                     multipart_chunksize=settings.s3_multipart_chunk_bytes,
+                     addressing_style=settings.s3_addressing_style)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -16,7 +16,7 @@ from core.labelled import read_labelled
 from core.spec import DatasetSource, JobSpec
 from store.db import session_scope
 from store.models import Dataset
-from store.storage import Storage, sha256_hex
+from store.storage import BlobCorrupt, Storage, sha256_hex
 
 if TYPE_CHECKING:
     from worker.runner import DbRetry, SessionFactory
@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 def _blob(what: str, key: str | None, sha: str | None, storage: Storage) -> bytes:
     if key is None or not storage.exists(key):
         raise TrainingError("dataset_error", f"{what} is missing from storage")
-    data = storage.read_bytes(key)
-    if sha is not None and sha256_hex(data) != sha:
+    try:
+        data = storage.read_bytes(key)
+    except BlobCorrupt:  # an object store's own sha256 check failed
+        data = None
+    if data is None or (sha is not None and sha256_hex(data) != sha):
         raise TrainingError("dataset_error", f"{what} does not match its sha256: the stored "
                             "file changed or is damaged")
     return data

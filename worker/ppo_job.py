@@ -22,7 +22,7 @@ from core.contract import CheckpointKind, TrainingError
 from core.spec import JobSpec
 from store.db import session_scope
 from store.models import Checkpoint, Dataset, Job
-from store.storage import Storage, sha256_hex
+from store.storage import BlobCorrupt, Storage, sha256_hex
 
 if TYPE_CHECKING:
     from worker.runner import DbRetry, SessionFactory
@@ -52,7 +52,10 @@ def read_checkpoint(job_id: str, name: str, what: str, factory: SessionFactory,
             return c.storage_key, c.sha256
 
     found = retry.call(f"{what} checkpoint {name}", row)
-    data = storage.read_bytes(found[0]) if found and storage.exists(found[0]) else None
+    try:
+        data = storage.read_bytes(found[0]) if found and storage.exists(found[0]) else None
+    except (FileNotFoundError, BlobCorrupt):  # gone meanwhile, or damaged (object store)
+        data = None
     if found is None or data is None or sha256_hex(data) != found[1]:
         raise TrainingError("invalid_checkpoint", f"{what}: checkpoint {name!r} of job "
                             f"{job_id} is missing from storage or fails its sha256")

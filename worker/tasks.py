@@ -28,7 +28,7 @@ from store.logs import job_log_context
 from store.models import JobStatus
 from store.queue import TRAIN_TASK, CeleryEnqueuer, RedisQueueInspector
 from store.settings import Settings, get_settings
-from store.storage import LocalStorage
+from store.storage import Storage, make_storage
 from store.sweep import (
     SweepResult,
     expire_lease,
@@ -52,6 +52,18 @@ def _session_factory(pid: int) -> sessionmaker[Session]:
 
 def session_factory() -> sessionmaker[Session]:
     return _session_factory(os.getpid())
+
+
+@cache
+def _storage(pid: int) -> Storage:
+    # One per process (an S3 client is not shared across fork); make_storage raises at once
+    # for a malformed LMFORGE_STORAGE_URL.
+    return make_storage(get_settings())
+
+
+def storage() -> Storage:
+    """This process's blob storage (``store.storage.make_storage``: local files or S3)."""
+    return _storage(os.getpid())
 
 
 @cache
@@ -107,7 +119,7 @@ def train_job(job_id: str) -> None:
     factory = session_factory()
     with job_log_context(job_id):  # every log record of the run carries the job id
         status = run_job(job_id, session_factory=factory,
-                         storage=LocalStorage(settings.storage_dir), settings=settings,
+                         storage=storage(), settings=settings,
                          shutdown=SHUTDOWN)
     if status == JobStatus.QUEUED:
         raise Reject("the worker is shutting down", requeue=True)

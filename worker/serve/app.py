@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from core.contract import TrainingError
 from core.errors import LMForgeError
 from store.settings import Settings, get_settings
-from store.storage import LocalStorage, Storage
+from store.storage import Storage, make_storage
 from worker.engine.generate import DeadlineExceeded
 from worker.serve import export_routes
 from worker.serve.models import ModelCache, resolve_device
@@ -46,12 +46,12 @@ def error_json(status: int, code: str, message: str, field: str | None = None) -
 
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> FastAPI:
     """The inference server's app; ``settings`` default to :func:`get_settings`, ``storage`` to
-    ``LocalStorage(settings.storage_dir)`` (the API's)."""
+    ``make_storage(settings)`` (the API's)."""
     settings = settings or get_settings()
     app = FastAPI(title="LMForge inference", docs_url=None, redoc_url=None)
     app.state.settings = settings
     device = resolve_device(settings.inference_device)
-    cache = ModelCache(storage or LocalStorage(settings.storage_dir),
+    cache = ModelCache(storage or make_storage(settings),
                        settings.inference_cache_models, device)
     app.state.inference = ServeState(cache=cache, compute=threading.Lock())
 

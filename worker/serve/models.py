@@ -16,7 +16,7 @@ import torch
 
 from core.errors import LMForgeError, ServiceUnavailable
 from core.inference import CheckpointRef
-from store.storage import Storage
+from store.storage import BlobCorrupt, Storage
 from worker.engine.checkpoint import (
     LoadedCheckpoint,
     build_model_from_checkpoint,
@@ -98,6 +98,10 @@ class ModelCache:
     def _load(self, ref: CheckpointRef) -> LoadedModel:
         try:
             data = self.storage.read_bytes(ref.storage_key)
+        except BlobCorrupt as exc:  # an object store's own sha256 check failed
+            raise ServiceUnavailable(f"checkpoint {ref.id} is damaged in storage (its sha256 "
+                                     "does not match); use another checkpoint of this job",
+                                     code="checkpoint_corrupt") from exc
         except (FileNotFoundError, ValueError) as exc:
             raise ServiceUnavailable(f"the blob of checkpoint {ref.id} is missing from storage",
                                      code="blob_missing") from exc
