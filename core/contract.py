@@ -54,6 +54,10 @@ ERROR_CODES = (
     # only on jobs failed before issue 8, when the broker refused the submission; no longer
     # set (such a job now stays queued and the queued sweep enqueues it)
     "enqueue_failed",
+    # a process of a data-parallel job (resources.gpus > 1) other than the worker's own died
+    # (killed, crashed): the job resumes from its last checkpoint on its next attempt, up to
+    # LMFORGE_MAX_ATTEMPTS (worker.ddp_rank, worker.runner)
+    "rank_failed",
     # anything else: a bug (the traceback is in the worker's log). Not an outage: a database
     # outage that outlasts the runner's retries leaves the job to the sweep, unfailed. Jobs
     # failed before issue 8 carry the old name, "internal_error"
@@ -74,6 +78,7 @@ RETRYABLE: dict[str, bool] = {
     # Set only after the service itself retried the job LMFORGE_MAX_ATTEMPTS times.
     "worker_lost": False,
     "enqueue_failed": True,
+    "rank_failed": True,
     "internal": True,
 }
 

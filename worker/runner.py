@@ -438,6 +438,8 @@ def run_job(
         return None
     if _interrupted(outcome, hooks) and _requeue(hooks, session_factory, outcome):
         return JobStatus.QUEUED
+    if _rank_failed(outcome) and _retry_rank_failure(hooks, session_factory, settings, outcome):
+        return JobStatus.QUEUED
     return _finish(hooks, session_factory, outcome)
 
 
@@ -607,6 +609,12 @@ def _run_engine(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory,
                                   resume_from).as_dict()
     sources = load_sources(spec, factory, storage, retry)
     embeddings = load_embeddings(spec, factory, storage, retry)
+    if spec.resources.gpus > 1:  # data-parallel: this process is rank 0 (worker.ddp_rank)
+        from worker.ddp_rank import train_data_parallel  # torch: in the pool child
+
+        return train_data_parallel(spec, sources, hooks, resume_from=resume_from,
+                                   cache_dir=settings.cache_dir,
+                                   embeddings=embeddings).as_dict()
     from worker.engine.trainer import train_sources  # torch: only here, in the pool child
 
     result = train_sources(spec, sources, hooks, resume_from=resume_from,
@@ -618,6 +626,49 @@ def _interrupted(outcome: Outcome, hooks: DatabaseHooks) -> bool:
     """The run stopped because the worker is shutting down, not because of a cancel."""
     return (outcome.status == JobStatus.CANCELLED and not hooks.cancel_requested
             and hooks.shutdown.is_set())
+
+
+def _rank_failed(outcome: Outcome) -> bool:
+    """A data-parallel job lost one of its other processes (``rank_failed``)."""
+    return outcome.error is not None and outcome.error.get("code") == "rank_failed"
+
+
+def _retry_rank_failure(hooks: DatabaseHooks, factory: SessionFactory, settings: Settings,
+                        outcome: Outcome) -> bool:
+    """Put a job whose data-parallel rank died back to queued, to resume from its last
+    checkpoint on its next attempt, as the sweep does for a job whose worker died: the
+    attempt is closed as ``failed`` with the error and counts toward
+    ``LMFORGE_MAX_ATTEMPTS``. False (the caller fails the job with ``rank_failed``) when the
+    attempts are used up, a cancel was requested, or the job is not this attempt's."""
+    from store.models import Job, utcnow
+    from store.progress import end_attempt
+    from store.status import transition
+    from store.sweep import counted_attempts
+
+    def requeue() -> bool:
+        with session_scope(factory) as s:
+            job = s.get(Job, hooks.job_id)
+            if (job is None or job.attempts != hooks.attempt or job.cancel_requested
+                    or counted_attempts(job) >= settings.max_attempts):
+                return False
+            transition(s, hooks.job_id, JobStatus.QUEUED, expect=[JobStatus.RUNNING],
+                       where=[Job.attempts == hooks.attempt, Job.cancel_requested.is_(False)],
+                       worker_id=None, enqueued_at=utcnow())
+            end_attempt(s, hooks.job_id, hooks.attempt, "failed", outcome.error)
+            return True
+
+    try:
+        hooks.drain()
+        requeued = hooks.retry.call(f"job {hooks.job_id}: requeue", requeue)
+    except Exception as exc:  # a conflict or an outage: fail it instead (or leave it)
+        log.warning("job %s: could not queue it again after its rank failed: %s",
+                    hooks.job_id, _first_line(exc))
+        return False
+    if requeued:
+        log.warning("job %s: %s; queued again (attempt %d of LMFORGE_MAX_ATTEMPTS=%d)",
+                    hooks.job_id, (outcome.error or {}).get("message"), hooks.attempt,
+                    settings.max_attempts)
+    return requeued
 
 
 def _requeue(hooks: DatabaseHooks, factory: SessionFactory, outcome: Outcome) -> bool:

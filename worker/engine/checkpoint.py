@@ -3,7 +3,10 @@
 Tensors: ``model.<param>`` (a tied decoder weight is stored once, as the encoder's); for
 ``last``/``periodic`` also ``optim.<i>.<name>`` (optimizer state), ``rng.cpu`` /
 ``rng.cuda.<i>`` (uint8 generator states) and ``state.h``/``state.c`` (the carried LSTM hidden
-state, (num_layers, batch, hidden_dim), so a resume continues exactly). Header metadata, all
+state, (num_layers, batch, hidden_dim), so a resume continues exactly). A data-parallel run's
+(``resources.gpus`` N > 1) is the same file as one process with the whole batch writes (the
+hidden state of all ``batch_size * N`` streams) plus the generator states of ranks 1..N-1 as
+``rng.rank<r>.cpu`` / ``rng.rank<r>.cuda`` (ignored by a one-process resume). Header metadata, all
 strings: ``format``, ``kind``, ``spec``, ``model_config``, ``tokenizer``, ``trainer_state``
 (step, scheduler/early-stopping/best-so-far state, optimizer param groups and the non-tensor
 parts of its state). Written with ``safetensors.torch.save`` and read with
@@ -121,18 +124,35 @@ def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+def restore_rank_rng(rng: dict[str, torch.Tensor], rank: int, device: torch.device) -> None:
+    """Rank ``rank`` (> 0) of a data-parallel run takes its own generator states from a
+    checkpoint's ``rng`` tensors (``rank<r>.cpu``, ``rank<r>.cuda``); a checkpoint without
+    them (written by one process) gives it rank 0's (:func:`restore_rng`)."""
+    own = rng.get(f"rank{rank}.cpu")
+    if own is None:
+        restore_rng(rng, device)
+        return
+    torch.set_rng_state(own)
+    cuda = rng.get(f"rank{rank}.cuda")
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 def save_checkpoint(kind: str, spec: JobSpec, model: LSTMLanguageModel, tokenizer: Tokenizer,
                     trainer_state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None,
                     hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
                     rng_cpu: torch.Tensor | None = None,
-                    best_state: dict[str, torch.Tensor] | None = None) -> bytes:
+                    best_state: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> bytes:
     """Serialise a checkpoint to bytes. Weights only when ``optimizer`` is None (``best``).
     ``rng_cpu`` overrides the current CPU generator state (to save a state from before a
     failed step). ``best_state``: the best weights so far, kept as ``best.<param>`` so a resumed
-    run can still evaluate the test split with them."""
+    run can still evaluate the test split with them. ``extra``: more tensors of a resumable
+    checkpoint, by full name (a data-parallel run's ``rng.rank<r>.*``)."""
     tensors = _model_tensors(model)
     if optimizer is not None:
+        tensors.update({k: _cpu(v) for k, v in (extra or {}).items()})
         for k, v in (best_state or {}).items():
             if not (model.config.tie_weights and k == TIED_KEY):
                 tensors[f"best.{k}"] = _cpu(v)

@@ -59,10 +59,13 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 @dataclass
 class TrainBatches:
     """Truncated-BPTT windows over ``data`` (batch, n), already on the training device, in
-    its token-file dtype (see :func:`token_tensor`) or ``int64``."""
+    its token-file dtype (see :func:`token_tensor`) or ``int64``. ``world_size``: the number
+    of data-parallel processes each training on a ``data`` of this shape (their rows of the
+    same batchified split, :mod:`worker.engine.distributed`); the token counts are global."""
 
     data: torch.Tensor
     seq_len: int
+    world_size: int = 1
 
     @property
     def batches_per_epoch(self) -> int:
@@ -70,7 +73,8 @@ class TrainBatches:
 
     @property
     def tokens_per_batch(self) -> int:
-        return self.data.size(0) * self.seq_len
+        """Training tokens per step, over all processes."""
+        return self.data.size(0) * self.seq_len * self.world_size
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Batch ``index`` (0-based, global across epochs): inputs and targets, each

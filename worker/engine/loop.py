@@ -16,6 +16,14 @@ beyond the one reading the pending steps' metrics). A non-finite loss or
 gradient norm is caught before it touches the weights: on the CPU by a per-step check (a host
 read is free there), on CUDA by the fused optimizer's ``found_inf`` flag, which skips the
 update on the device (sticky until the flush that reports the failure).
+
+Data-parallel runs (``resources.gpus > 1``, :mod:`worker.engine.distributed`): every rank runs
+this loop on its rows of the batch with the model wrapped in ``DistributedDataParallel``; the
+training loss is averaged over the ranks each step, and whatever rank 0 alone can know (a
+budget in seconds, a cancel, the validation loss, whether a timed checkpoint is due) it
+broadcasts, so every rank takes the same branch. Rank 0 reports and writes the checkpoints;
+the other ranks run with hooks that do nothing. With one process none of this runs: no
+collective, no extra sync.
 """
 
 from __future__ import annotations
@@ -42,8 +50,14 @@ from core.contract import (
 )
 from core.contract import TrainingHooks as Hooks
 from core.spec import JobSpec
-from worker.engine.checkpoint import LoadedCheckpoint, restore_rng, save_checkpoint
+from worker.engine.checkpoint import (
+    LoadedCheckpoint,
+    restore_rank_rng,
+    restore_rng,
+    save_checkpoint,
+)
 from worker.engine.data import Corpus, TrainBatches
+from worker.engine.distributed import NONE, DistContext, shard_rows
 from worker.engine.evaluate import EvalInterrupted, EvalResult, evaluate
 from worker.engine.model import Hidden, LSTMLanguageModel
 from worker.engine.schedule import EarlyStopping, LRSchedule
@@ -52,6 +66,20 @@ from worker.engine.tokenizers import Tokenizer
 T = TypeVar("T")
 
 RECENT_STEPS = 50  # how many of the last steps' training losses the fresh-state check averages
+
+# How a data-parallel run's rank 0 tells the others a stop reason or a halt (an index, NaN for
+# None) in :meth:`DistContext.agree`.
+_STOPS: tuple[StopReason, ...] = ("max_steps", "max_epochs", "max_tokens", "max_runtime_s",
+                                  "early_stopping", "cancelled")
+_HALTS = ("cancelled", "timeout")
+
+
+def _encode(value: str | None, names: tuple[str, ...]) -> float:
+    return NONE if value is None else float(names.index(value))
+
+
+def _decode(code: float, names: tuple[T, ...]) -> T | None:
+    return None if math.isnan(code) else names[int(code)]
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -106,9 +134,12 @@ class LoopState:
             "unvalidated_row": self.unvalidated_row,
         }
 
-    def restore(self, ckpt: LoadedCheckpoint, device: torch.device) -> None:
+    def restore(self, ckpt: LoadedCheckpoint, device: torch.device,
+                dist: DistContext | None = None) -> None:
         """Take over the state saved in ``ckpt`` (a ``last``/``periodic`` checkpoint),
-        including the generator states, so the run continues exactly."""
+        including the generator states, so the run continues exactly. In a data-parallel run
+        (``dist``) each rank takes its rows of the saved hidden state (all ranks' streams,
+        (num_layers, batch * world_size, hidden_dim)) and its own generator states."""
         ts = ckpt.trainer_state
         self.step = int(ts["step"])
         best = ts["best_val_loss"]  # null (or Infinity, before strict JSON): none yet
@@ -122,9 +153,15 @@ class LoopState:
         self.unvalidated_row = ts.get("unvalidated_row")
         self.best_weights = ({k: v.to(device) for k, v in ckpt.best_state.items()}
                              if ckpt.best_state else None)
-        self.hidden = (None if ckpt.hidden is None
-                       else (ckpt.hidden[0].to(device), ckpt.hidden[1].to(device)))
-        restore_rng(ckpt.rng, device)
+        hidden = ckpt.hidden
+        if hidden is not None and dist is not None:
+            hidden = (shard_rows(hidden[0], dist.rank, dist.world_size, dim=1),
+                      shard_rows(hidden[1], dist.rank, dist.world_size, dim=1))
+        self.hidden = None if hidden is None else (hidden[0].to(device), hidden[1].to(device))
+        if dist is not None and dist.rank > 0:
+            restore_rank_rng(ckpt.rng, dist.rank, device)
+        else:
+            restore_rng(ckpt.rng, device)
 
 
 class PendingStep(NamedTuple):
@@ -240,9 +277,20 @@ class TrainLoop(RunControl):
     clock: Clock = field(default_factory=Clock)
     pending: list[PendingStep] = field(default_factory=list)
     vals: dict[int, EvalResult] = field(default_factory=dict)  # step -> validation result
+    dist: DistContext | None = None  # a data-parallel run's rank; None: one process
 
     def __post_init__(self) -> None:
         self.start_step = self.state.step
+        self.is_main = self.dist is None or self.dist.is_main
+        # What a training step calls: the model, or (data-parallel) the model wrapped in
+        # DistributedDataParallel, which averages the gradients over the ranks in backward.
+        # Evaluation and checkpoints use the model itself.
+        self.net: torch.nn.Module = self.model
+        if self.dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._bad = torch.zeros((), device=self.device)  # CUDA: sticky non-finite flag
         self.halt = None
@@ -258,6 +306,12 @@ class TrainLoop(RunControl):
         """On the CPU a host read costs nothing: check each step before the update."""
         return self.device.type != "cuda"
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Streams an evaluation reads: the global batch (``batch_size`` x processes)."""
+        world = 1 if self.dist is None else self.dist.world_size
+        return self.spec.training.batch_size * world
+
     def train_tokens_per_s(self) -> float:
         tokens = (self.state.step - self.start_step) * self.batches.tokens_per_batch
         return tokens / max(self.clock.final_train_time or self.clock.train_time(), 1e-9)
@@ -267,9 +321,11 @@ class TrainLoop(RunControl):
         """Train until a stopping rule holds; returns the stop reason. Saves ``last``.
         Raises ``TrainingError("timeout")`` (after saving ``last``) when
         ``training.max_duration_s`` passes."""
-        self.model.train()
+        self.net.train()
         # A run resumed from a checkpoint taken when a budget already held trains no more.
         stop = self._budget_stop(self.state.step) if self.state.step > 0 else None
+        if self.dist is not None:
+            stop = self._agree_stop(stop)
         if self.state.unvalidated_row is not None:
             stop = self._finish_interrupted_validation(stop)
         while stop is None:
@@ -293,12 +349,13 @@ class TrainLoop(RunControl):
             early = self._validate(step)
         except EvalInterrupted:
             return "cancelled"
-        val = self.vals.pop(step)
-        metrics = StepMetrics(**row)
-        metrics.val_loss, metrics.val_ppl, metrics.val_bpc = val.loss, val.ppl, val.bpc
-        metrics.val_accuracy, metrics.val_top5_accuracy = val.accuracy, val.top5_accuracy
         self.state.unvalidated_row = None
-        self.hooks.on_metrics([metrics])
+        val = self.vals.pop(step, None)
+        if val is not None:  # None on the ranks of a data-parallel run that do not report
+            metrics = StepMetrics(**row)
+            metrics.val_loss, metrics.val_ppl, metrics.val_bpc = val.loss, val.ppl, val.bpc
+            metrics.val_accuracy, metrics.val_top5_accuracy = val.accuracy, val.top5_accuracy
+            self.hooks.on_metrics([metrics])
         return stop or ("early_stopping" if early else None)
 
     def _train_step(self, step: int) -> None:
@@ -314,24 +371,27 @@ class TrainLoop(RunControl):
         self.optimizer.zero_grad(set_to_none=True)
         amp = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            logits, new_hidden = self.model(x, hidden)  # (batch, seq_len, vocab)
+            logits, new_hidden = self.net(x, hidden)  # (batch, seq_len, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
-        loss.backward()
+        loss.backward()  # data-parallel: the gradients are averaged over the ranks here
         if t.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self._params, t.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self._params
                                                   if p.grad is not None])
+        # The reported loss: data-parallel, the mean over the ranks (the loss of the whole
+        # batch), the same on every rank, so they all fail, or not, together.
+        reported = loss.detach() if self.dist is None else self.dist.mean(loss)
         if self.sync_each_step:
-            if not math.isfinite(float(loss.detach() + norm)):
-                self._fail(step, hidden, rng_before, float(loss.detach()), float(norm))
+            if not math.isfinite(float(reported + norm)):
+                self._fail(step, hidden, rng_before, float(reported), float(norm))
         else:
-            self._bad = self._bad.logical_or(~torch.isfinite(loss.detach() + norm)).float()
+            self._bad = self._bad.logical_or(~torch.isfinite(reported + norm)).float()
             self.optimizer.found_inf = self._bad  # type: ignore[attr-defined]
         self.optimizer.step()
         self.state.hidden = new_hidden
         self.state.step = step
-        self.pending.append(PendingStep(step, loss.detach(), norm.detach(), lr,
+        self.pending.append(PendingStep(step, reported, norm.detach(), lr,
                                         time.perf_counter()))
 
     def _carried_state(self, step: int) -> Hidden | None:
@@ -344,7 +404,12 @@ class TrainLoop(RunControl):
         if hidden is None or t.state_reset_prob == 0.0:
             return hidden
         g = torch.Generator().manual_seed((t.seed * 1_000_003 + step) % 2**63)
-        keep = torch.rand(hidden[0].size(1), generator=g) >= t.state_reset_prob  # (batch,)
+        if self.dist is None:
+            keep = torch.rand(hidden[0].size(1), generator=g) >= t.state_reset_prob  # (batch,)
+        else:  # drawn for all ranks' streams, as one process would; this rank's rows kept
+            everyone = torch.rand(hidden[0].size(1) * self.dist.world_size, generator=g)
+            keep = shard_rows(everyone, self.dist.rank, self.dist.world_size) \
+                >= t.state_reset_prob
         mask = keep.to(device=hidden[0].device, dtype=hidden[0].dtype).view(1, -1, 1)
         return hidden[0] * mask, hidden[1] * mask
 
@@ -353,6 +418,8 @@ class TrainLoop(RunControl):
         reason when a stopping rule holds (a budget, early stopping) or the run must halt
         (:meth:`poll`: ``cancelled``, also for a timeout, which :meth:`run` raises). A halt
         during the validation leaves it to the resumed run (``unvalidated_row``)."""
+        if self.dist is not None:
+            return self._after_step_distributed(step)
         t = self.spec.training
         stop = self._budget_stop(step)
         if step % t.eval_interval == 0 or stop is not None:
@@ -370,6 +437,40 @@ class TrainLoop(RunControl):
             stop = "cancelled"
         return stop
 
+    def _after_step_distributed(self, step: int) -> StopReason | None:
+        """:meth:`_after_step` of a data-parallel run: rank 0 decides the stop (a budget in
+        seconds), evaluates, and says whether a timed checkpoint is due and whether the run
+        must halt (:meth:`poll`); every rank then does the same."""
+        assert self.dist is not None
+        t = self.spec.training
+        stop = self._agree_stop(self._budget_stop(step) if self.is_main else None)
+        if step % t.eval_interval == 0 or stop is not None:
+            try:
+                if self._validate(step):
+                    stop = stop or "early_stopping"
+            except EvalInterrupted:
+                self._eval_interrupted_at = step
+                return "cancelled"
+        periodic = False
+        if self.is_main:
+            periodic = self.periodic_due(step, stop is not None)
+            if stop is None:
+                self.poll()
+        due, halt = self.dist.agree([float(periodic), _encode(self.halt, _HALTS)])
+        self.halt = _decode(halt, _HALTS)
+        if due:
+            self._checkpoint(CheckpointKind.PERIODIC)
+        if step % t.log_interval == 0 or stop is not None:
+            self._flush()
+        if stop is None and self.halt is not None:
+            stop = "cancelled"
+        return stop
+
+    def _agree_stop(self, stop: StopReason | None) -> StopReason | None:
+        """Rank 0's ``stop`` on every rank (data-parallel runs only)."""
+        assert self.dist is not None
+        return _decode(self.dist.agree([_encode(stop, _STOPS)])[0], _STOPS)
+
     def _budget_stop(self, step: int) -> StopReason | None:
         t = self.spec.training
         if step >= t.max_steps:
@@ -385,19 +486,37 @@ class TrainLoop(RunControl):
 
     # -- validation, checkpoints, metrics ----------------------------------------------------
     def _validate(self, step: int) -> bool:
-        """Evaluate the validation split; save ``best`` on a new best. True: stop early."""
+        """Evaluate the validation split; save ``best`` on a new best. True: stop early.
+        Raises :class:`EvalInterrupted` when a halt cut it short. Data-parallel: rank 0
+        evaluates (the model itself, all ranks' streams) and broadcasts the loss (and whether
+        it was cut short); every rank then updates its schedule and early stopping alike."""
         t, s = self.spec.training, self.state
-        with self.site("evaluate", step):
-            res = self.clock.timed(evaluate, self.model, self.corpus.validation, t.batch_size,
-                                   t.seq_len, self.device, self.tokenizer.kind == "char",
-                                   self.autocast_dtype, self.poll, t.eval_tokens)
-        self.vals[step] = res
-        s.final_val_loss = res.loss
-        s.schedule.on_eval(res.loss)
-        stop = s.stopper.on_eval(res.loss)
-        if res.loss < s.best_val_loss:
-            s.best_val_loss, s.best_step = res.loss, step
-            if self.corpus.test is not None:
+        loss, cut = NONE, False
+        if self.is_main:
+            try:
+                with self.site("evaluate", step):
+                    res = self.clock.timed(evaluate, self.model, self.corpus.validation,
+                                           self.eval_batch_size, t.seq_len, self.device,
+                                           self.tokenizer.kind == "char", self.autocast_dtype,
+                                           self.poll, t.eval_tokens)
+                self.vals[step] = res
+                loss = res.loss
+            except EvalInterrupted:
+                if self.dist is None:
+                    raise
+                cut = True
+        if self.dist is not None:
+            loss, cut_code, halt = self.dist.agree([loss, float(cut),
+                                                    _encode(self.halt, _HALTS)])
+            self.halt = _decode(halt, _HALTS)
+            if cut_code:
+                raise EvalInterrupted()
+        s.final_val_loss = loss
+        s.schedule.on_eval(loss)
+        stop = s.stopper.on_eval(loss)
+        if loss < s.best_val_loss:
+            s.best_val_loss, s.best_step = loss, step
+            if self.corpus.test is not None and self.is_main:
                 s.best_weights = {k: v.detach().clone()
                                   for k, v in self.model.state_dict().items()}
             self._checkpoint(CheckpointKind.BEST)
@@ -411,13 +530,20 @@ class TrainLoop(RunControl):
         s = self.state
         full = kind != CheckpointKind.BEST
         with self.site("checkpoint", s.step):
+            hidden = _detach(s.hidden) if full else None
+            extra: dict[str, torch.Tensor] = {}
+            if full and self.dist is not None:
+                hidden, extra = self._gather_ranks(hidden, rng_cpu)
+            if not self.is_main:
+                return
             data = save_checkpoint(
                 kind, self.spec, self.model, self.tokenizer,
                 s.trainer_state(self.batches, self.runtime_s()),
                 optimizer=self.optimizer if full else None,
-                hidden=_detach(s.hidden) if full else None,
+                hidden=hidden,
                 rng_cpu=rng_cpu,
                 best_state=s.best_weights if full else None,
+                extra=extra,
             )
             metrics: dict[str, Any] = {"step": s.step}
             if _finite_or_none(s.final_val_loss) is not None:
@@ -428,6 +554,33 @@ class TrainLoop(RunControl):
         if full:
             self.last_full_checkpoint = self.clock.elapsed()
         self.clock.excluded += time.perf_counter() - t0
+
+    def _gather_ranks(self, hidden: Hidden | None, rng_cpu: torch.Tensor | None
+                      ) -> tuple[Hidden | None, dict[str, torch.Tensor]]:
+        """A data-parallel checkpoint's parts from every rank, on rank 0: the hidden states
+        of all streams (num_layers, batch * world_size, hidden_dim), as one process with the
+        whole batch holds them, and the other ranks' generator states as ``rng.rank<r>.cpu``
+        (and ``rng.rank<r>.cuda``) tensors. One gather; (None, {}) on the other ranks."""
+        assert self.dist is not None
+        mine: dict[str, torch.Tensor | None] = {
+            "h": None if hidden is None else hidden[0].cpu(),
+            "c": None if hidden is None else hidden[1].cpu(),
+            "cpu": torch.get_rng_state() if rng_cpu is None else rng_cpu,
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+            else None,
+        }
+        everyone = self.dist.gather(mine)
+        if everyone is None:
+            return None, {}
+        extra: dict[str, torch.Tensor] = {}
+        for rank, part in enumerate(everyone[1:], start=1):
+            for name in ("cpu", "cuda"):
+                if part[name] is not None:
+                    extra[f"rng.rank{rank}.{name}"] = part[name]
+        if any(part["h"] is None for part in everyone):
+            return None, extra
+        return (torch.cat([p["h"] for p in everyone], dim=1),
+                torch.cat([p["c"] for p in everyone], dim=1)), extra
 
     def _flush(self) -> None:
         """Report the pending steps (one host read for all of them)."""

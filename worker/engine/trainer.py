@@ -33,6 +33,7 @@ from core.sources import CorpusSources
 from core.spec import JobSpec, OptimizerSpec
 from worker.engine.checkpoint import LoadedCheckpoint, load_checkpoint
 from worker.engine.data import Corpus, TrainBatches, batchify, corpus_from_prepared
+from worker.engine.distributed import DistContext, shard_rows
 from worker.engine.embeddings import load_pretrained
 from worker.engine.evaluate import EvalInterrupted, EvalResult, evaluate, perplexity
 from worker.engine.loop import LoopState, TrainLoop
@@ -182,43 +183,57 @@ def train_sources(spec: JobSpec, sources: CorpusSources, hooks: TrainingHooks,
 
 def train_prepared(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
                    resume_from: bytes | None = None, device: str | None = None,
-                   embeddings: str | None = None) -> TrainingResult:
+                   embeddings: str | None = None,
+                   dist: DistContext | None = None) -> TrainingResult:
     """:func:`train` on splits already prepared (:func:`worker.engine.tokencache.prepare_corpus`).
     A checkpoint to resume from must carry the prepared corpus's tokenizer
-    (``invalid_checkpoint`` otherwise)."""
+    (``invalid_checkpoint`` otherwise).
+
+    ``dist``: this process's rank of a data-parallel run (:mod:`worker.engine.distributed`;
+    started by :mod:`worker.ddp_rank`), which trains on ``dist.device``; rank 0's
+    ``resume_from`` is broadcast to the others (theirs is ignored), and only rank 0 needs
+    ``embeddings`` (the others receive its weights). Every rank returns a result; rank 0's
+    is the run's (the others' have no test or fresh-state values)."""
     with failures_explained():
         _language_model_only(spec)
-        dev = resolve_device(device or spec.training.device)
+        dev = dist.device if dist is not None else resolve_device(device or spec.training.device)
         if spec.training.num_threads is not None:
             torch.set_num_threads(spec.training.num_threads)
+        if dist is not None:
+            resume_from = dist.broadcast(resume_from)
         ckpt = _resumable(resume_from)
         if ckpt is not None and ckpt.tokenizer.to_json() != prepared.tokenizer.to_json():
             raise TrainingError("invalid_checkpoint", "the checkpoint's tokenizer is not the "
                                 "one the corpus was prepared with")
-        return _train(spec, prepared, hooks, ckpt, dev, embeddings)
+        return _train(spec, prepared, hooks, ckpt, dev, embeddings, dist)
 
 
 def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
            ckpt: LoadedCheckpoint | None, dev: torch.device,
-           embeddings: str | None) -> TrainingResult:
+           embeddings: str | None, dist: DistContext | None = None) -> TrainingResult:
     t = spec.training
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # also seeds every CUDA device
+    world = 1 if dist is None else dist.world_size
 
     # -- data: views of the token files, widened to int64 a window at a time ----------------
     tok = prepared.tokenizer
-    corpus = corpus_from_prepared(spec, prepared)
-    batches = _train_batches(corpus, t.batch_size, t.seq_len, dev)
+    corpus = corpus_from_prepared(global_batch_spec(spec), prepared)
+    batches = _train_batches(corpus, t.batch_size, t.seq_len, dev, dist)
     log.info("data: %d train / %d val / %s test tokens (%s), vocab %d, %d batches per epoch",
              corpus.train.numel(), corpus.validation.numel(),
              None if corpus.test is None else corpus.test.numel(), prepared.meta.get("dtype"),
              tok.vocab_size, batches.batches_per_epoch)
 
     # -- model -----------------------------------------------------------------------------
-    model, coverage = _build_model(spec, tok, embeddings, ckpt)
+    model, coverage = _build_model(spec, tok, embeddings, ckpt,
+                                   weights_from_rank0=dist is not None and not dist.is_main)
     if ckpt is None and spec.model.init_range is None:
         model.init_output_bias(torch.from_numpy(prepared.train_counts()))
     model.to(dev)
+    if dist is not None and not dist.is_main:
+        # Its own dropout draws (rank 0 draws what one process would); a resume restores them.
+        torch.manual_seed(t.seed + 7919 * dist.rank)
 
     # -- optimizer, schedule and the loop's state --------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,13 +242,16 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
                       EarlyStopping(t.early_stopping))
     if ckpt is not None:
         optimizer.load_state_dict(ckpt.optimizer_state)  # type: ignore[arg-type]
-        state.restore(ckpt, dev)
+        state.restore(ckpt, dev, dist)
         log.info("resumed from step %d", state.step)
 
     # -- loop ------------------------------------------------------------------------------
     loop = TrainLoop(spec=spec, model=model, optimizer=optimizer, batches=batches,
-                     corpus=corpus, tokenizer=tok, hooks=hooks, device=dev, state=state)
+                     corpus=corpus, tokenizer=tok, hooks=hooks, device=dev, state=state,
+                     dist=dist)
     stop_reason = loop.run()
+    if not loop.is_main:  # rank 0 alone evaluates the final weights
+        return _result(loop, stop_reason, None, tok.vocab_size, coverage)
 
     # -- the fresh-state check (final weights), then test with the best weights ----------
     # Both stop between batches when the run must halt: the result then has neither, and a
@@ -245,7 +263,7 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
             if corpus.test is not None:
                 if state.best_weights is not None:
                     model.load_state_dict(state.best_weights, strict=False)
-                test = evaluate(model, corpus.test, t.batch_size, t.seq_len, dev,
+                test = evaluate(model, corpus.test, t.batch_size * world, t.seq_len, dev,
                                 char_level=tok.kind == "char",
                                 autocast_dtype=loop.autocast_dtype, should_stop=loop.poll)
     except EvalInterrupted:
@@ -275,27 +293,50 @@ def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
     return ckpt
 
 
+def global_batch_spec(spec: JobSpec) -> JobSpec:
+    """``spec`` with ``training.batch_size`` the global batch (per process x
+    ``resources.gpus``): what the corpus-size check needs; ``spec`` itself for one process."""
+    n = spec.resources.gpus
+    if n == 1:
+        return spec
+    training = spec.training.model_copy(update={"batch_size": spec.training.batch_size * n})
+    return spec.model_copy(update={"training": training})
+
+
 def _train_batches(corpus: Corpus, batch_size: int, seq_len: int,
-                   dev: torch.device) -> TrainBatches:
+                   dev: torch.device, dist: DistContext | None = None) -> TrainBatches:
     """The training split as (batch, n) streams: on the CPU a view of the token file; on an
-    accelerator copied there once, in the token file's dtype (2 or 4 bytes per token)."""
-    train_data = batchify(corpus.train, batch_size)  # (batch, n)
+    accelerator copied there once, in the token file's dtype (2 or 4 bytes per token).
+    Data-parallel: the split is cut into ``batch_size * world_size`` streams, as one process
+    with the whole batch cuts it, and this rank keeps its ``batch_size`` of them."""
+    if dist is None:
+        train_data = batchify(corpus.train, batch_size)  # (batch, n)
+    else:
+        everyone = batchify(corpus.train, batch_size * dist.world_size)
+        train_data = shard_rows(everyone, dist.rank, dist.world_size)
     if dev.type != "cpu":
         train_data = train_data.to(dev)
-    return TrainBatches(train_data, seq_len)
+    return TrainBatches(train_data, seq_len, 1 if dist is None else dist.world_size)
 
 
 def _build_model(spec: JobSpec, tok: Tokenizer, embeddings: str | None,
-                 ckpt: LoadedCheckpoint | None) -> tuple[LSTMLanguageModel, float | None]:
+                 ckpt: LoadedCheckpoint | None, weights_from_rank0: bool = False
+                 ) -> tuple[LSTMLanguageModel, float | None]:
     """The model, initialised on the CPU from the seed (the same on every device), with
     pretrained embeddings or the checkpoint's weights. Returns it and the share of the
-    vocabulary the pretrained embeddings covered (None without them)."""
+    vocabulary the pretrained embeddings covered (None without them).
+    ``weights_from_rank0``: a data-parallel rank > 0, which receives rank 0's weights when
+    DistributedDataParallel wraps the model: pretrained embeddings are not read, only
+    frozen as rank 0's are."""
     m = spec.model
     config = ModelConfig(tok.vocab_size, m.embed_dim, m.hidden_dim, m.num_layers, m.dropout,
                          m.tie_weights, m.init_range)
     model = build_model(config)
     coverage = None
-    if m.pretrained_embeddings is not None:
+    if m.pretrained_embeddings is not None and weights_from_rank0:
+        if m.pretrained_embeddings.freeze:
+            model.encoder.weight.requires_grad_(False)
+    elif m.pretrained_embeddings is not None:
         if embeddings is None:
             raise TrainingError("invalid_spec", "model.pretrained_embeddings is set but no "
                                 "embeddings text was supplied")
@@ -348,7 +389,8 @@ def _fresh_state_loss(loop: TrainLoop) -> float | None:
         return None
     t = loop.spec.training
     ids = loop.corpus.train[:FRESH_STATE_TOKENS]
-    res = loop.clock.timed(evaluate, loop.model, ids, t.batch_size, t.seq_len, loop.device,
+    res = loop.clock.timed(evaluate, loop.model, ids, loop.eval_batch_size, t.seq_len,
+                           loop.device,
                            False, loop.autocast_dtype, loop.poll)
     return res.loss
 
