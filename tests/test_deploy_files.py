@@ -55,12 +55,14 @@ CHECKED_ENV = re.compile(r"^(LMFORGE_\w+|DATABASE_URL|REDIS_URL|AWS_\w+)$")
 _INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
 
-def interpolate(value: str) -> str:
-    """``value`` as compose reads it with none of the variables set: each ``${VAR:-default}``
-    replaced by its default. A variable without a default fails the test (the file would not
-    run without it)."""
+def interpolate(value: str, given: dict[str, str] | None = None) -> str:
+    """``value`` as compose reads it with only the variables ``given`` set: each
+    ``${VAR:-default}`` replaced by its default. A variable neither given nor with a default
+    fails the test (the file would not run without it)."""
 
     def default(m: re.Match[str]) -> str:
+        if given and m.group("name") in given:
+            return given[m.group("name")]
         if m.group("op") not in (":-", "-"):
             pytest.fail(f"{value!r}: ${{{m.group('name')}}} has no default")
         return m.group("arg")
@@ -158,11 +160,11 @@ def lmforge_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in compose["services"].items() if "build" in svc}
 
 
-def env_of(service: dict[str, Any]) -> dict[str, str]:
+def env_of(service: dict[str, Any], given: dict[str, str] | None = None) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):  # ["NAME=value", ...]
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): interpolate(str(v)) for k, v in env.items()}
+    return {str(k): interpolate(str(v), given) for k, v in env.items()}
 
 
 def test_compose_lmforge_services_set_only_real_settings(compose: dict[str, Any]) -> None:
@@ -250,6 +252,35 @@ def test_compose_gpu_worker_reserves_its_gpus(compose: dict[str, Any]) -> None:
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert int(interpolate(str(device["count"]))) == len(gpus.split(","))
+
+
+def test_two_machine_overrides(compose: dict[str, Any]) -> None:
+    """docs/compose/machine-{a,b}.yml (docs/deploy.md, "Two machines"): machine B's workers
+    reach PostgreSQL, Redis and MinIO at machine A's address, on the ports machine A
+    publishes, and by no name that exists only on machine A's compose network."""
+    machine_a = "10.0.0.1"
+    given = {"LMFORGE_MACHINE_A": machine_a, "LMFORGE_PRIVATE_IP": machine_a}
+    a = yaml.safe_load((ROOT / "docs/compose/machine-a.yml").read_text())
+    b = yaml.safe_load((ROOT / "docs/compose/machine-b.yml").read_text())
+    published = set()
+    for name, svc in a["services"].items():
+        assert name in compose["services"], name
+        for port in svc["ports"]:
+            assert interpolate(port["host_ip"], given) == machine_a, name
+            published.add(int(port["published"]))
+    local_names = set(compose["services"])
+    for name, svc in b["services"].items():
+        base = compose["services"][name]
+        env = env_of(base) | env_of(svc, given)  # compose merges environment by name
+        check_env_names(list(env), f"docs/compose/machine-b.yml {name}")
+        Settings.model_validate(env)
+        for var in ("DATABASE_URL", "REDIS_URL", "AWS_ENDPOINT_URL"):
+            host_port = env[var].split("@")[-1].split("://")[-1].split("/")[0]
+            host, port = host_port.rsplit(":", 1)
+            assert host == machine_a and int(port) in published, f"{name} {var}: {env[var]}"
+        for var, value in env.items():
+            hosts = set(re.findall(r"[/@]([\w.-]+):\d+", value))
+            assert not hosts & local_names, f"{name} {var}: {value} names machine A's services"
 
 
 # ----------------------------------------------------------------------------------------------
