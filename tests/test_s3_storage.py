@@ -191,3 +191,68 @@ def test_a_storage_url_splits_into_bucket_and_prefix() -> None:
     assert parse_storage_url("s3://my-bucket") == ("my-bucket", "")
     assert parse_storage_url("s3://my-bucket/") == ("my-bucket", "")
     assert parse_storage_url("s3://my.bucket/a/b_c/") == ("my.bucket", "a/b_c")
+
+
+def _damage(client: Any, bucket: str, object_key: str) -> None:
+    """Replace the object's bytes, keeping its recorded sha256 (bit rot, a bad copy)."""
+    head = client.head_object(Bucket=bucket, Key=object_key)
+    client.put_object(Bucket=bucket, Key=object_key, Body=b"not the checkpoint",
+                      Metadata=head["Metadata"])
+
+
+def test_the_inference_server_answers_a_damaged_object_with_checkpoint_corrupt(
+        storage: S3Storage, client: Any, bucket: str) -> None:
+    """store.storage.BlobCorrupt becomes 503 checkpoint_corrupt (a missing object:
+    blob_missing), not a crash."""
+    import torch
+
+    from core.errors import ServiceUnavailable
+    from core.inference import CheckpointRef
+    from worker.serve.models import ModelCache
+
+    data = b"some checkpoint bytes" * 10
+    _, sha = storage.put_bytes("checkpoints/j/c9.safetensors", data)
+    _damage(client, bucket, "pre/fix/checkpoints/j/c9.safetensors")
+    cache = ModelCache(storage, 1, torch.device("cpu"))
+    with pytest.raises(ServiceUnavailable) as err:
+        cache.get(CheckpointRef(id="ckpt_9", storage_key="checkpoints/j/c9.safetensors",
+                                sha256=sha))
+    assert err.value.code == "checkpoint_corrupt"
+    storage.delete("checkpoints/j/c9.safetensors")
+    with pytest.raises(ServiceUnavailable) as err:
+        cache.get(CheckpointRef(id="ckpt_9", storage_key="checkpoints/j/c9.safetensors",
+                                sha256=sha))
+    assert err.value.code == "blob_missing"
+
+
+def test_resuming_skips_a_damaged_checkpoint_object(
+        storage: S3Storage, client: Any, bucket: str, tmp_path: Path) -> None:
+    from app.auth import Principal
+    from app.jobs import create_job
+    from core.contract import CheckpointBlob
+    from core.contract import CheckpointKind as K
+    from core.spec import JobSpec
+    from store.db import make_engine, make_session_factory, session_scope, upgrade_database
+    from store.progress import claim_job, record_checkpoint, resume_point
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade_database(url)
+    factory = make_session_factory(make_engine(url))
+    spec = JobSpec.model_validate({"dataset": {"builtin": "python-docs"},
+                                   "tokenizer": {"kind": "char"},
+                                   "training": {"max_steps": 10}})
+    with session_scope(factory) as s:
+        job_id = create_job(s, Principal(id="p", name="p", is_admin=False), spec).id
+    with session_scope(factory) as s:
+        claim_job(s, job_id, "w1")
+    with session_scope(factory) as s:
+        early, _ = record_checkpoint(s, storage, job_id, 1,
+                                     CheckpointBlob(K.PERIODIC, 2, b"step two", {}), 3)
+        late, _ = record_checkpoint(s, storage, job_id, 1,
+                                    CheckpointBlob(K.LAST, 4, b"step four", {}), 3)
+        early_key, late_key = early.storage_key, late.storage_key
+    _damage(client, bucket, f"pre/fix/{late_key}")
+    with session_scope(factory) as s:
+        point = resume_point(s, storage, job_id)
+    assert (point.data, point.step) == (b"step two", 2)  # the damaged later one is skipped
+    assert late_key in point.stale and early_key not in point.stale
