@@ -4,13 +4,17 @@ Two kinds (docs/operations.md, "Metrics"):
 
 - **The service's state**, read at scrape time from the database and Redis, so any API process
   answers the same: jobs by status (``lmforge_jobs``), the broker's queue
-  (``lmforge_queue_messages``, ``lmforge_queue_unacked_messages``, ``lmforge_broker_up``),
+  (``lmforge_queue_messages`` by queue: the default ones, every queue a queued job routes to
+  and every queue a live worker serves; ``lmforge_queue_unacked_messages``,
+  ``lmforge_broker_up``), the live workers by queue (``lmforge_queue_workers``, from the worker
+  registry, ``store.workers``),
   each running job's throughput by the worker that runs it
   (``lmforge_worker_steps_per_second``, ``lmforge_worker_tokens_per_second``,
   ``lmforge_worker_heartbeat_age_seconds``), webhook deliveries by state, and whether the
   database answered (``lmforge_database_up``). A handful of indexed queries: a ``GROUP BY``
-  over the jobs' ``(status, ...)`` index, two small queries per running job, ``LLEN``/``HLEN``
-  in one Redis pipeline (each bounded by a 0.5 s socket timeout).
+  over the jobs' ``(status, ...)`` index, two small queries per running job, the queued jobs'
+  routing fields, ``LLEN``/``HLEN`` in one Redis pipeline and the registry's cached read (each
+  bounded by a 0.5 s socket timeout).
 - **This process's requests**: ``lmforge_http_request_duration_seconds``, a histogram by
   method, route template (``/v1/jobs/{job_id}``, never the raw path, so ids do not make new
   series; ``unmatched`` for 404s outside every route) and status code, measured by
@@ -49,10 +53,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.workers import get_worker_registry
 from store.models import Job, JobStatus, WebhookDelivery, utcnow
 from store.models import Metric as MetricRow
 from store.queue import QUEUE, RedisQueueInspector
 from store.settings import Settings
+from store.sweep import queued_queues
+from store.workers import served_queues
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +149,11 @@ class State:
     running: list[Running] = field(default_factory=list)
     webhooks: dict[str, int] = field(default_factory=dict)
     broker_up: bool | None = None  # None: the broker is not Redis
-    queue_messages: int | None = None
+    # The queues reported: the default ones, the queued jobs' and the live workers'.
+    queues: set[str] = field(default_factory=lambda: {QUEUE, "cpu", "cuda"})
+    queue_messages: dict[str, int] | None = None  # by queue
     unacked_messages: int | None = None
+    workers: dict[str, int] | None = None  # live workers by queue; None: registry unread
 
 
 def _number(value: Any) -> float | None:
@@ -205,27 +215,24 @@ def read_database(session: Session, state: State) -> None:
     hooks = session.execute(select(WebhookDelivery.state, func.count())
                             .group_by(WebhookDelivery.state)).all()
     state.webhooks = {str(k): int(v) for k, v in hooks}
+    state.queues |= queued_queues(session)
     state.database_up = True
 
 
 def read_queue(inspector: RedisQueueInspector | None, state: State) -> None:
-    """The broker's queue length (every priority list of the Celery queue) and the messages
-    delivered but not acknowledged (running or prefetched tasks)."""
+    """Each of ``state.queues``'s length (every priority list of the Celery queue) and the
+    messages delivered but not acknowledged (running or prefetched tasks)."""
     if inspector is None:
         return
     try:
-        pipe = inspector.client.pipeline(transaction=False)
-        for name in inspector.lists:
-            pipe.llen(name)
-        pipe.hlen(inspector.unacked_key)
-        *lengths, unacked = pipe.execute()
+        lengths = inspector.queue_lengths(state.queues)
     except Exception as exc:  # redis.RedisError, OSError: the broker is down
         log.debug("metrics: the broker did not answer (%s)", exc)
         state.broker_up = False
         return
     state.broker_up = True
-    state.queue_messages = int(sum(lengths))
-    state.unacked_messages = int(unacked)
+    state.unacked_messages = lengths.pop("")
+    state.queue_messages = lengths
 
 
 def state_metrics(state: State) -> list[Metric]:
@@ -264,6 +271,13 @@ def state_metrics(state: State) -> list[Metric]:
         for s in ("waiting", "pending", "delivered", "failed"):
             hooks.add_metric([s], state.webhooks.get(s, 0))
         out.append(hooks)
+    out.extend(_queue_metrics(state))
+    return out
+
+
+def _queue_metrics(state: State) -> list[Metric]:
+    """The broker's and the worker registry's families of ``state``."""
+    out: list[Metric] = []
     if state.broker_up is not None:
         up = GaugeMetricFamily("lmforge_broker_up", "1 if Redis answered this scrape.")
         up.add_metric([], 1.0 if state.broker_up else 0.0)
@@ -272,8 +286,16 @@ def state_metrics(state: State) -> list[Metric]:
         q = GaugeMetricFamily("lmforge_queue_messages",
                               "Messages waiting in the broker's queue (jobs not yet taken).",
                               labels=["queue"])
-        q.add_metric([QUEUE], state.queue_messages)
+        for name, n in sorted(state.queue_messages.items()):
+            q.add_metric([name], n)
         out.append(q)
+    if state.workers is not None:
+        w = GaugeMetricFamily("lmforge_queue_workers",
+                              "Live workers (the worker registry) that serve the queue.",
+                              labels=["queue"])
+        for name in sorted(state.queues):
+            w.add_metric([name], state.workers.get(name, 0))
+        out.append(w)
     if state.unacked_messages is not None:
         u = GaugeMetricFamily("lmforge_queue_unacked_messages",
                               "Messages delivered to workers and not yet acknowledged.")
@@ -311,6 +333,11 @@ def collect_state(request: Request) -> State:
     except Exception as exc:  # the database is down: report it, not a 500
         log.warning("metrics: the database did not answer (%s: %s)", type(exc).__name__, exc)
         state.database_up = False
+    registry = get_worker_registry(request)
+    workers = registry.workers() if registry is not None else None
+    if workers is not None:
+        state.queues |= served_queues(workers)
+        state.workers = {q: sum(q in w.queues for w in workers) for q in state.queues}
     read_queue(_inspector(request), state)
     return state
 

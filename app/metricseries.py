@@ -39,6 +39,7 @@ from core.contract import StepMetrics
 from core.errors import ValidationFailed
 from core.eta import eta_seconds
 from store.models import Job, JobStatus, Metric
+from store.queue import stored_route
 
 #: The lowest ``resolution`` accepted: one bucket's min and max plus the first and last row.
 MIN_RESOLUTION = 4
@@ -279,26 +280,39 @@ def recent_rows(session: Session, job_id: str, limit: int = ETA_WINDOW_ROWS
 
 
 def queue_positions(session: Session, job_ids: Iterable[str]) -> dict[str, int]:
-    """The position in the queue (1: the next job a free worker takes) of each of
-    ``job_ids`` that is queued, among every principal's queued jobs (there is one queue,
-    ``store.queue.QUEUE``): by ``enqueued_at``, the time its message was last handed to the
-    broker (a job requeued after a worker shutdown goes to the back, as its message does),
-    then the jobs whose message is not in the broker yet (``enqueued_at`` NULL: the queued
-    sweep hands them over later) by ``created_at``. Celery takes messages in this order with
-    ``worker_prefetch_multiplier=1``; a worker's claim may still overtake by a second. One
-    query over the queued jobs."""
+    """The position in its queue (1: the next job a free worker of that queue takes) of each
+    of ``job_ids`` that is queued, among every principal's queued jobs on the same Celery
+    queue (``store.queue.stored_route``: ``resources`` and ``priority`` of the stored spec).
+    Within a queue: the higher ``priority`` first (the broker serves lower broker priorities
+    first, ``store.queue``); within a priority by ``enqueued_at``, the time its message was
+    last handed to the broker (a job requeued after a worker shutdown goes to the back, as
+    its message does), then the jobs whose message is not in the broker yet (``enqueued_at``
+    NULL: the queued sweep hands them over later) by ``created_at``. Celery takes messages in
+    this order with ``worker_prefetch_multiplier=1``; a worker's claim may still overtake by a
+    second, and a worker that serves several queues interleaves them. One query over the
+    queued jobs' routing fields (``resources``, ``priority``, ``training.device``)."""
     wanted = set(job_ids)
     if not wanted:
         return {}
-    order = (Job.enqueued_at.is_(None), Job.enqueued_at, Job.created_at, Job.id)
-    numbered = (
-        select(Job.id, func.row_number().over(order_by=order).label("pos"))
-        .where(Job.status == JobStatus.QUEUED)
-        .subquery()
-    )
-    return {job_id: int(pos) for job_id, pos in
-            session.execute(select(numbered.c.id, numbered.c.pos)
-                            .where(numbered.c.id.in_(sorted(wanted))))}
+    rows = session.execute(
+        select(Job.id, Job.spec["resources"], Job.spec["priority"],
+               Job.spec["training"]["device"], Job.enqueued_at, Job.created_at)
+        .where(Job.status == JobStatus.QUEUED))
+    keyed = []
+    for job_id, resources, priority, device, enqueued_at, created_at in rows:
+        route = stored_route({"resources": resources, "priority": priority,
+                              "training": {} if device is None else {"device": device}})
+        keyed.append((route.queue, route.broker_priority, enqueued_at is None,
+                      enqueued_at or created_at, created_at, job_id))
+    keyed.sort()
+    out: dict[str, int] = {}
+    position, queue = 0, None
+    for key in keyed:
+        position = position + 1 if key[0] == queue else 1
+        queue = key[0]
+        if key[-1] in wanted:
+            out[key[-1]] = position
+    return out
 
 
 def progress_extras(session: Session, jobs: list[Job]) -> dict[str, dict[str, Any]]:

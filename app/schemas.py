@@ -117,6 +117,12 @@ class JobOut(_FromRow):
     latest_metrics: dict[str, Any] | None
     error: JobError | None
     attempt_history: list[AttemptOut] = []  # ordered by attempt
+    # Queued on a queue that no live worker serves (docs/deploy.md, "Queues and devices"):
+    # what it waits for: "cuda" or "cpu" (a device queue), "worker" (the default queue,
+    # device "auto"), "cuda x2" / "cpu x2" / "worker x2" (a data-parallel queue of
+    # --gpus-per-job 2 workers), or "queue <name>" (resources.queue). Null otherwise, and when
+    # the worker registry cannot be read.
+    waiting_for: str | None = None
 
 
 class JobList(BaseModel):

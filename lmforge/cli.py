@@ -2,7 +2,9 @@
 
     lmforge up [--host H] [--port P]        everything on one machine (embedded Redis, SQLite)
     lmforge api [--host H] [--port P]       the HTTP API (uvicorn, app.main:app)
-    lmforge worker [--concurrency N]        a Celery worker (prefork; one process per GPU)
+    lmforge worker [--concurrency N] [--device cpu|cuda] [--queues Q,..] [--gpus 0,1]
+                   [--gpus-per-job N]       a Celery worker (prefork); with --gpus one
+                                            worker process per GPU (group), supervised
     lmforge serve [--host H] [--port P]     the inference server (generate/score/classify)
     lmforge db upgrade                      upgrade the database schema to the newest revision
     lmforge keys create --name NAME [--admin]   create an API key; prints only the key
@@ -61,7 +63,44 @@ def _cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_plan(args: argparse.Namespace) -> tuple[str, list[str], list[list[str]]]:
+    """``lmforge worker``'s device class, queues and GPU groups (one worker process each;
+    empty: one worker in this process). Raises ``ValueError`` naming the bad option."""
+    from core.routing import queue_name
+    from store.workers import detect_device_class
+
+    per_job = args.gpus_per_job
+    if per_job < 1:
+        raise ValueError(f"--gpus-per-job must be at least 1 (got {per_job})")
+    gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
+    if args.gpus is not None and not gpus:
+        raise ValueError("--gpus names no GPU (expected e.g. --gpus 0,1)")
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus names a GPU twice: {args.gpus}")
+    if len(gpus) % per_job:
+        raise ValueError(f"--gpus lists {len(gpus)} GPUs, not a multiple of "
+                         f"--gpus-per-job {per_job}")
+    device = args.device or ("cuda" if gpus else detect_device_class())
+    if args.queues:
+        queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    else:  # its own device queue first: it is tried first within a priority step
+        queues = [queue_name(device, per_job), queue_name("auto", per_job)]
+    groups = [gpus[i:i + per_job] for i in range(0, len(gpus), per_job)]
+    return device, queues, groups
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
+    try:
+        device, queues, groups = _worker_plan(args)
+    except ValueError as exc:
+        print(f"lmforge worker: {exc}", file=sys.stderr)
+        return 2
+    if groups:
+        return _supervise_workers(args, device, queues, groups)
+    from store.workers import ENV_DEVICE, ENV_GPUS_PER_JOB
+
+    os.environ[ENV_DEVICE] = device  # read by the registry step (worker.celery_app)
+    os.environ[ENV_GPUS_PER_JOB] = str(args.gpus_per_job)
     # billiard reads REMAP_SIGTERM at import time: a SIGTERM (docker stop, `lmforge up`
     # stopping) then does a cold shutdown that gives the running task
     # `worker_soft_shutdown_timeout` seconds to save a checkpoint and requeues its message,
@@ -83,13 +122,76 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         # up`) never exited: its timer thread retried a heartbeat publish forever while the
         # shutdown waited for it.
         "--without-heartbeat",
+        f"--queues={','.join(queues)}",
     ]
-    if args.queues:
-        argv.append(f"--queues={args.queues}")
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     celery.worker_main(argv)
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, device: str, queues: list[str],
+                       groups: list[list[str]]) -> int:
+    """``lmforge worker --gpus ...``: one ``lmforge worker`` process per GPU group, each with
+    ``CUDA_VISIBLE_DEVICES`` set to its group and node name ``gpu<ids>@%h`` (``gpu0``,
+    ``gpu0+1`` for a group; ``gpu0.<--hostname>`` when one is given). A SIGTERM, SIGINT or
+    SIGQUIT is forwarded to each; when one exits on its own the others are sent SIGTERM.
+    Returns once all have exited: the first non-zero exit code, else 0."""
+    from lmforge.processes import spawn
+
+    cli = [sys.executable, "-m", "lmforge.cli", "worker", "--device", device,
+           "--queues", ",".join(queues), "--gpus-per-job", str(args.gpus_per_job),
+           "--concurrency", str(args.concurrency), "--loglevel", args.loglevel]
+    children = []
+    for group in groups:
+        label = "gpu" + "+".join(group)
+        name = f"{label}.{args.hostname}" if args.hostname else f"{label}@%h"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(group)}
+        # Its own process group: a terminal's Ctrl-C reaches only this supervisor, which
+        # forwards it; a killed supervisor takes each child with it (SIGTERM).
+        children.append(spawn([*cli, "--hostname", name], env=env))
+    print(f"lmforge worker: {len(children)} worker processes on GPUs "
+          f"{' | '.join(','.join(g) for g in groups)} serving {','.join(queues)} "
+          f"(pids {' '.join(str(c.pid) for c in children)})", file=sys.stderr, flush=True)
+    return _wait_workers(children)
+
+
+def _wait_workers(children: list[Any]) -> int:
+    """Forward SIGTERM/SIGINT/SIGQUIT to ``children`` (``subprocess.Popen``) and wait until
+    all have exited; the first to exit on its own gets the others sent SIGTERM. Returns the
+    first non-zero exit code (1 for an unexpected exit with 0), else 0."""
+    import signal
+    import time
+
+    from lmforge.processes import kill_process_group
+
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                try:
+                    os.kill(child.pid, signum)
+                except OSError:
+                    pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, forward)
+    code = 0
+    while any(c.poll() is None for c in children):
+        exited = [c for c in children if c.poll() is not None]
+        if exited and not stopping:
+            print(f"lmforge worker: pid {exited[0].pid} exited ({exited[0].returncode}); "
+                  f"stopping the others", file=sys.stderr, flush=True)
+            code = exited[0].returncode or 1
+            forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    for child in children:
+        kill_process_group(child)  # whatever a child left in its group (a pool process)
+        code = code or child.returncode
+    return int(code)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -245,12 +347,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.set_defaults(func=_cmd_api)
 
-    worker = sub.add_parser("worker", help="run a Celery worker that trains jobs")
+    worker = sub.add_parser(
+        "worker", help="run a Celery worker that trains jobs",
+        description="A Celery worker. By default it serves its device class's queue (\"cuda\" "
+                    "when the machine has an NVIDIA GPU, else \"cpu\") and \"lmforge\" (jobs "
+                    "of device \"auto\"); with --gpus-per-job N, \"<class>-xN\" and "
+                    "\"lmforge-xN\" instead (data-parallel jobs of N processes). --gpus 0,1 "
+                    "starts one worker process per GPU (or per group of N GPUs), each with "
+                    "CUDA_VISIBLE_DEVICES set, and stops them all on SIGTERM/Ctrl-C. "
+                    "docs/deploy.md, \"Queues and devices\".")
     worker.add_argument(
-        "--concurrency", type=int, default=1, help="jobs at a time; use one per GPU (default 1)"
-    )
+        "--concurrency", type=int, default=1,
+        help="jobs at a time per worker process (default 1; with --gpus, one per GPU group)")
     worker.add_argument("--loglevel", default="info")
-    worker.add_argument("--queues", default=None, help="comma-separated queues (default: lmforge)")
+    worker.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="the device class served (default: cuda when /proc/driver/nvidia "
+                             "lists a GPU or --gpus is given, else cpu)")
+    worker.add_argument("--queues", default=None,
+                        help="comma-separated queues, replacing the default ones "
+                             "(<device> and lmforge, or their -xN forms)")
+    worker.add_argument("--gpus", default=None, metavar="IDS",
+                        help="comma-separated GPU ids (CUDA_VISIBLE_DEVICES values): one worker "
+                             "process per GPU, or per group of --gpus-per-job GPUs")
+    worker.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                        help="processes (GPUs) per data-parallel job: serve the -xN queues "
+                             "(default 1)")
     worker.add_argument("--hostname", default=None, help="Celery node name")
     worker.set_defaults(func=_cmd_worker)
 

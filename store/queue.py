@@ -1,6 +1,15 @@
 """The one Celery configuration, shared by the producer (API) and the worker, and the API's
 enqueuer (by task name: the API never imports the worker's code, nor torch).
 
+Routing (docs/deploy.md, "Queues and devices"): every enqueue sends a job's message to the queue
+of :func:`core.routing.job_route` with its broker priority (:class:`CeleryEnqueuer`;
+:func:`stored_route` for a job read back from the database). On Redis, kombu keeps one list per
+priority step and a worker pops the lower step first: with :data:`PRIORITY_STEPS` = 0..9 each
+broker priority has its own list, so within a queue a higher spec ``priority`` (a lower broker
+priority) is always served first, equal ones in publication order (kombu
+``transport/redis.py``: ``_put``, ``_brpop_start``; Celery's "Routing Tasks" guide, "Redis
+Message Priorities").
+
 Why each setting is what it is (late acks, reject on worker loss, prefetch 1, the visibility
 timeout, no result backend) is in ``docs/operations.md``: in short, a killed pool child's job
 is redelivered, a long job holds no other job hostage, a running job is not redelivered while
@@ -18,16 +27,26 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from celery import Celery
+from pydantic import ValidationError
 
+from core.routing import DEFAULT_QUEUE, Route, job_route
+from core.spec import JobSpec
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUE = "lmforge"
+QUEUE = DEFAULT_QUEUE
+#: kombu's Redis priority steps: all ten (the default is 0, 3, 6, 9, which would lump
+#: neighbouring priorities together). A message of broker priority n goes to list
+#: ``<queue>`` (n = 0) or ``<queue>\x06\x16<n>``; a worker pops step 0 first.
+PRIORITY_STEPS = list(range(10))
+#: The route of a spec with every scheduling default (device "auto", one process, priority 5).
+DEFAULT_ROUTE = Route(queue=DEFAULT_QUEUE, broker_priority=9 - 5, device_class="auto",
+                      world_size=1)
 TRAIN_TASK = "lmforge.train_job"
 #: Seconds a Redis connect or command may block a publisher, the queue inspection or the
 #: worker's broker connection (kombu's ``socket_connect_timeout`` and ``socket_timeout``): a
@@ -43,8 +62,10 @@ WORKER_LOST_WAIT_S = 1.0
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
     app = Celery("lmforge", broker=settings.redis_url, include=list(include))
     app.conf.update(
+        # Every train message names its queue and priority (CeleryEnqueuer.enqueue).
         task_default_queue=QUEUE,
-        task_routes={TRAIN_TASK: {"queue": QUEUE}},
+        task_queue_max_priority=max(PRIORITY_STEPS),
+        task_default_priority=DEFAULT_ROUTE.broker_priority,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -54,6 +75,11 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
             # closing the connection) waits forever (kombu's redis transport documentation).
             "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+            # One list per broker priority 0..9, popped lowest first; a worker's queues are
+            # tried in the order it lists them (its own device queue before "lmforge") within
+            # one priority step, instead of round robin.
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
         },
         result_backend=None,
         task_ignore_result=True,
@@ -81,9 +107,33 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
     return app
 
 
+def stored_route(spec: Mapping[str, Any] | None) -> Route:
+    """The route (:func:`core.routing.job_route`) of a job whose spec was stored as ``spec``
+    (a JSON object: ``JobSpec`` with defaults filled in). Only the fields that decide the
+    route are read (``resources``, ``priority``, ``training.device``), so a spec stored by
+    an older version (no ``resources``: routed by ``training.device``, priority 5) routes
+    too. A spec whose routing fields no longer validate gets :data:`DEFAULT_ROUTE` (logged).
+    Raises nothing."""
+    spec = spec or {}
+    training = spec.get("training") if isinstance(spec.get("training"), Mapping) else {}
+    fields: dict[str, Any] = {"dataset_id": "-"}  # JobSpec needs a source; not routed on
+    if isinstance(training, Mapping) and "device" in training:
+        fields["training"] = {"device": training["device"]}
+    for key in ("resources", "priority"):
+        if spec.get(key) is not None:
+            fields[key] = spec[key]
+    try:
+        return job_route(JobSpec.model_validate(fields))
+    except ValidationError as exc:
+        log.warning("a stored spec's routing fields do not validate (%s); routing it to %s",
+                    exc.errors()[0].get("msg"), DEFAULT_ROUTE.queue)
+        return DEFAULT_ROUTE
+
+
 class Enqueuer(Protocol):
-    def enqueue(self, job_id: str) -> None:
-        """Hand job ``job_id`` (already committed) to the workers. Raises on failure."""
+    def enqueue(self, job_id: str, route: Route) -> None:
+        """Hand job ``job_id`` (already committed) to the workers: a message on
+        ``route.queue`` with broker priority ``route.broker_priority``. Raises on failure."""
         ...
 
     def ping(self) -> bool:
@@ -95,9 +145,11 @@ class CeleryEnqueuer:
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
 
-    def enqueue(self, job_id: str) -> None:
-        self.celery.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)
-        log.info("enqueued %s", job_id)
+    def enqueue(self, job_id: str, route: Route) -> None:
+        self.celery.send_task(TRAIN_TASK, args=[job_id], queue=route.queue,
+                              priority=route.broker_priority)
+        log.info("enqueued %s on %s (broker priority %d)", job_id, route.queue,
+                 route.broker_priority)
 
     def ping(self) -> bool:
         try:
@@ -142,17 +194,28 @@ def job_id_of_message(payload: bytes | str | dict[str, Any]) -> str | None:
         return None
 
 
+def queue_lists(queue: str) -> list[str]:
+    """kombu's Redis lists of ``queue``: ``queue`` itself (broker priority 0), then
+    ``queue\x06\x16<n>`` for each other step of :data:`PRIORITY_STEPS` (kombu
+    ``Channel._q_for_pri`` with the default separator)."""
+    from kombu.transport.redis import Channel
+
+    return [queue if not pri else f"{queue}{Channel.sep}{pri}" for pri in PRIORITY_STEPS]
+
+
 class RedisQueueInspector:
-    """Which jobs have a message in the Redis broker: waiting in the queue, or delivered to a
+    """Which jobs have a message in the Redis broker: waiting in a queue, or delivered to a
     worker that has not acknowledged it yet.
 
-    Reads kombu's own keys with ``redis-py`` (kombu ``transport/redis.py``): the queue is one
-    list per priority step (``lmforge``, then ``lmforge\\x06\\x16<n>`` for the other steps),
-    and a delivered, unacknowledged message sits in the ``unacked`` hash (its delivery tag ->
-    ``[message, exchange, routing_key]``) with its delivery time (Unix seconds) in the
-    ``unacked_index`` sorted set. Key names come from kombu's ``Channel`` defaults; a
-    ``global_keyprefix`` transport option or a Sentinel URL is not supported (we set
-    neither).
+    Reads kombu's own keys with ``redis-py`` (kombu ``transport/redis.py``): a queue is one
+    list per priority step (:func:`queue_lists`), and a delivered, unacknowledged message sits
+    in the ``unacked`` hash (its delivery tag -> ``[message, exchange, routing_key]``) with its
+    delivery time (Unix seconds) in the ``unacked_index`` sorted set (one hash for every
+    queue). Key names come from kombu's ``Channel`` defaults; a ``global_keyprefix`` or
+    ``sep`` transport option or a Sentinel URL is not supported (we set none of them).
+
+    ``queue``: the queue read when a call names none (default ``lmforge``); the sweep and the
+    metrics pass every queue a queued job routes to.
 
     Every command is bounded by ``socket_timeout`` seconds: a Redis that is down or frozen
     raises ``redis.exceptions.RedisError`` instead of blocking the worker's main process."""
@@ -164,21 +227,55 @@ class RedisQueueInspector:
 
         self.client = redis.Redis.from_url(redis_url, socket_timeout=socket_timeout,
                                            socket_connect_timeout=socket_timeout)
-        self.lists = [queue if not pri else f"{queue}{Channel.sep}{pri}"
-                      for pri in Channel.priority_steps]
+        self.queue = queue
+        self.lists = queue_lists(queue)
         self.unacked_key = Channel.unacked_key
         self.unacked_index_key = Channel.unacked_index_key
 
-    def pending_job_ids(self, delivered_since: float) -> set[str]:
-        """Ids of the jobs with a message in the queue, or delivered at or after
+    def _queues(self, queues: Iterable[str] | None) -> list[str]:
+        return sorted(set(queues)) if queues is not None else [self.queue]
+
+    def queue_lengths(self, queues: Iterable[str] | None = None) -> dict[str, int]:
+        """Messages waiting in each of ``queues`` (every priority step), and under the key
+        ``""`` the delivered, unacknowledged ones (all queues together). One pipeline.
+        Raises ``redis.exceptions.RedisError`` when Redis does not answer."""
+        names = self._queues(queues)
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            for key in queue_lists(name):
+                pipe.llen(key)
+        pipe.hlen(self.unacked_key)
+        *lengths, unacked = pipe.execute()
+        steps = len(PRIORITY_STEPS)
+        out = {name: int(sum(lengths[i * steps:(i + 1) * steps]))
+               for i, name in enumerate(names)}
+        out[""] = int(unacked)
+        return out
+
+    def messages(self, queues: Iterable[str] | None = None) -> list[bytes]:
+        """The raw messages waiting in ``queues``, in the order a worker takes them: the
+        lowest priority step first, each step oldest first (kombu pushes with LPUSH and pops
+        with BRPOP); across queues of one step, in the order given."""
+        names = list(queues) if queues is not None else [self.queue]
+        pipe = self.client.pipeline(transaction=False)
+        for pri in range(len(PRIORITY_STEPS)):
+            for name in names:
+                pipe.lrange(queue_lists(name)[pri], 0, -1)
+        return [m for step in pipe.execute() for m in reversed(step)]
+
+    def pending_job_ids(self, delivered_since: float,
+                        queues: Collection[str] | None = None) -> set[str]:
+        """Ids of the jobs with a message in one of ``queues`` (default: this inspector's
+        queue), or delivered (from any queue) at or after
         ``delivered_since`` (Unix seconds) and not acknowledged. An unacknowledged message
         delivered earlier is left out: a live worker claims its job within seconds of the
         delivery, so such a message is held by a worker that died (kombu would restore it
         only after the visibility timeout, days later). Raises
         ``redis.exceptions.RedisError`` when Redis does not answer."""
         pipe = self.client.pipeline(transaction=False)
-        for name in self.lists:
-            pipe.lrange(name, 0, -1)
+        for queue in self._queues(queues):
+            for name in queue_lists(queue):
+                pipe.lrange(name, 0, -1)
         pipe.zrangebyscore(self.unacked_index_key, delivered_since, "+inf")
         *queued, recent = pipe.execute()
         found = {job for payloads in queued for p in payloads

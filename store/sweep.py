@@ -10,6 +10,9 @@
   job: ``UPDATE jobs SET enqueued_at = :now WHERE id = :id AND status = 'queued' AND
   (enqueued_at IS NULL OR enqueued_at < :cutoff)``; the sweeper whose update changed the row
   enqueues, every other one sees rowcount 0 and leaves the job alone.
+- Every enqueue goes to the job's own queue with its priority (``store.queue.stored_route``
+  of its stored spec, :func:`core.routing.job_route`), and the queued sweep inspects every
+  queue a queued job routes to.
 - :func:`sweep_and_requeue` runs both sweeps and enqueues what they found. It runs in every
   worker's main process (``worker.celery_app.OrphanSweep``: at start, then periodically, and
   at once when a pool process dies, see ``worker.tasks``).
@@ -34,7 +37,7 @@ from core.errors import Conflict, NotFound
 from store.db import session_scope
 from store.models import Job, JobStatus, utcnow
 from store.progress import end_attempt
-from store.queue import Enqueuer
+from store.queue import QUEUE, Enqueuer, stored_route
 from store.settings import Settings
 from store.status import transition
 
@@ -45,8 +48,10 @@ SessionFactory = sessionmaker[Session]
 
 
 class QueueInspector(Protocol):
-    def pending_job_ids(self, delivered_since: float) -> set[str]:
-        """Jobs with a message in the broker (see ``store.queue.RedisQueueInspector``)."""
+    def pending_job_ids(self, delivered_since: float,
+                        queues: Collection[str] | None = None) -> set[str]:
+        """Jobs with a message in ``queues`` of the broker, or delivered since
+        ``delivered_since`` (see ``store.queue.RedisQueueInspector``)."""
         ...
 
 
@@ -171,6 +176,13 @@ def lost_queued_jobs(
     return [i for i in ids if pending is None or i not in pending]
 
 
+def queued_queues(session: Session) -> set[str]:
+    """The queues the queued jobs route to (``store.queue.stored_route`` of each one's spec),
+    with the default queue ``lmforge``."""
+    specs = session.scalars(select(Job.spec).where(Job.status == S.QUEUED))
+    return {QUEUE, *(stored_route(spec).queue for spec in specs)}
+
+
 def claim_enqueue(session: Session, job_id: str, *, now: datetime, cutoff: datetime) -> bool:
     """The compare-and-set that makes one sweeper, and only one, enqueue ``job_id``:
     ``enqueued_at`` becomes ``now`` if the job is queued and its ``enqueued_at`` is NULL or
@@ -195,19 +207,21 @@ def enqueue_jobs(
     now: datetime, cutoff: datetime,
 ) -> tuple[list[str], list[str]]:
     """For each id: :func:`claim_enqueue` in its own transaction, then, if this call won,
-    enqueue it. Returns ``(enqueued, lost_races)``. An enqueue that raises is released
-    (:func:`release_enqueue`) and the rest are skipped: the broker is down, and the next
+    enqueue it on its route (``store.queue.stored_route`` of its stored spec). Returns
+    ``(enqueued, lost_races)``. An enqueue that raises is released (:func:`release_enqueue`)
+    and the rest are skipped: the broker is down, and the next
     sweep retries."""
     enqueued: list[str] = []
     lost: list[str] = []
     for job_id in job_ids:
         with session_scope(session_factory) as s:
             won = claim_enqueue(s, job_id, now=now, cutoff=cutoff)
+            spec = s.scalar(select(Job.spec).where(Job.id == job_id)) if won else None
         if not won:
             lost.append(job_id)
             continue
         try:
-            enqueuer.enqueue(job_id)
+            enqueuer.enqueue(job_id, stored_route(spec))
         except Exception:
             log.warning("enqueue of %s failed; the next sweep retries", job_id, exc_info=True)
             with session_scope(session_factory) as s:
@@ -241,8 +255,11 @@ def sweep_queued(
     Raises what the inspector raises (the broker does not answer: nothing is enqueued)."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.requeue_after_s)
-    pending = (None if inspector is None
-               else inspector.pending_job_ids(delivered_since=cutoff.timestamp()))
+    pending = None
+    if inspector is not None:
+        with session_scope(session_factory) as s:
+            queues = queued_queues(s)
+        pending = inspector.pending_job_ids(delivered_since=cutoff.timestamp(), queues=queues)
     with session_scope(session_factory) as s:
         ids = lost_queued_jobs(s, cutoff=cutoff, pending=pending)
     enqueued, lost = enqueue_jobs(session_factory, enqueuer, ids, now=now, cutoff=cutoff)

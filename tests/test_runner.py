@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.datasets import storage_key
+from core.routing import Route
 from core.spec import TokenizerSpec
 from store.db import session_scope
 from store.models import Job, JobStatus, Metric, utcnow
@@ -152,7 +153,7 @@ def test_sweep_requeues_a_job_whose_heartbeat_is_stale(env: Env) -> None:
     class Recorder:
         sent: list[str] = []
 
-        def enqueue(self, job_id: str) -> None:
+        def enqueue(self, job_id: str, route: Route) -> None:
             self.sent.append(job_id)
 
         def ping(self) -> bool:

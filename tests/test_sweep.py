@@ -32,6 +32,8 @@ from store.models import Job, JobAttempt, JobStatus, new_id, utcnow
 from store.progress import start_attempt
 from store.queue import (
     BROKER_SOCKET_TIMEOUT_S,
+    DEFAULT_ROUTE,
+    PRIORITY_STEPS,
     QUEUE,
     TRAIN_TASK,
     CeleryEnqueuer,
@@ -97,7 +99,7 @@ class Env:
 
     def messages(self) -> Counter[str]:
         """How many messages the broker's queue holds for each job."""
-        return Counter(job_id_of_message(m) or "?" for m in self.client.lrange(QUEUE, 0, -1))
+        return Counter(job_id_of_message(m) or "?" for m in self.inspector().messages())
 
     def enqueuer(self) -> CeleryEnqueuer:
         return CeleryEnqueuer(make_celery(self.settings))
@@ -190,7 +192,7 @@ def test_an_orphan_whose_enqueue_fails_stays_queued_and_is_enqueued_when_redis_r
 def _deliver_without_ack(env: Env) -> Any:
     """Take the next message from the queue as a worker does (kombu's ack emulation puts it
     in the ``unacked`` hash with its delivery time) and keep it unacknowledged."""
-    conn = Connection(env.redis_url)
+    conn = Connection(env.redis_url, transport_options={"priority_steps": PRIORITY_STEPS})
     queue = conn.SimpleQueue(QUEUE)
     message = queue.get(timeout=10)
     return conn, queue, message
@@ -207,7 +209,7 @@ def test_queued_sweep_enqueues_exactly_the_jobs_whose_message_is_lost(env: Env) 
     running = env.job(S.RUNNING, enqueued_at=ago(120), heartbeat_at=utcnow(), attempts=1)
     done = env.job(S.SUCCEEDED, enqueued_at=None)
     for job_id in (held, abandoned, waiting):
-        enqueuer.enqueue(job_id)
+        enqueuer.enqueue(job_id, DEFAULT_ROUTE)
     conn, queue, first = _deliver_without_ack(env)
     conn2, queue2, second = _deliver_without_ack(env)
     try:
@@ -359,8 +361,8 @@ def _enqueuer(redis_server: RedisServer) -> CeleryEnqueuer:
 
 def test_inspector_reads_the_job_id_of_a_real_celery_message(redis_server: RedisServer) -> None:
     job_id = new_id("job")
-    _enqueuer(redis_server).enqueue(job_id)
-    raw = redis.Redis.from_url(redis_server.url).lrange(QUEUE, 0, -1)
+    _enqueuer(redis_server).enqueue(job_id, DEFAULT_ROUTE)
+    raw = RedisQueueInspector(redis_server.url).messages()
     assert len(raw) == 1
     message = json.loads(raw[0])
     assert message["headers"]["task"] == TRAIN_TASK
@@ -377,7 +379,7 @@ def test_publishing_to_a_stopped_or_frozen_redis_fails_within_the_socket_timeout
     redis_server: RedisServer,
 ) -> None:
     enqueuer = _enqueuer(redis_server)
-    enqueuer.enqueue(new_id("job"))  # a warm connection, as in a running API
+    enqueuer.enqueue(new_id("job"), DEFAULT_ROUTE)  # a warm connection, as in a running API
     # Generous: a connect or a read times out after BROKER_SOCKET_TIMEOUT_S, with two
     # publish retries; this bound is far above that and far below "hangs".
     bound = 15 * BROKER_SOCKET_TIMEOUT_S
@@ -386,14 +388,14 @@ def test_publishing_to_a_stopped_or_frozen_redis_fails_within_the_socket_timeout
     try:
         started = time.monotonic()
         with pytest.raises(Exception):  # noqa: B017 - kombu's OperationalError or redis's
-            enqueuer.enqueue(new_id("job"))
+            enqueuer.enqueue(new_id("job"), DEFAULT_ROUTE)
         assert time.monotonic() - started < bound
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     redis_server.stop()
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017
-        enqueuer.enqueue(new_id("job"))
+        enqueuer.enqueue(new_id("job"), DEFAULT_ROUTE)
     assert time.monotonic() - started < bound
 
 

@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import warnings
+from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -99,6 +100,81 @@ class OrphanSweep(bootsteps.StartStopStep):
 
 
 celery.steps["worker"].add(OrphanSweep)
+
+
+class WorkerRegistry(bootsteps.StartStopStep):
+    """Publish this worker in the worker registry (:mod:`store.workers`): its node name, the
+    queues it consumes, its device class and GPUs, ``gpus_per_job`` and pid, written to Redis
+    at start and every ``store.workers.REFRESH_S`` seconds on the worker's timer (the entry
+    expires ``TTL_S`` seconds after the last write), deleted on a clean shutdown. The API reads
+    it to say what a queued job is ``waiting_for``. A Redis outage is logged; the next tick
+    writes again."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.client: Any = None
+        self.info: Any = None
+
+    def start(self, parent: Any) -> None:
+        import redis
+
+        from store.workers import (
+            ENV_DEVICE,
+            ENV_GPUS_PER_JOB,
+            REFRESH_S,
+            WorkerInfo,
+            detect_device_class,
+        )
+
+        url = get_settings().redis_url
+        if url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            return  # not a Redis broker: no registry
+        queues = parent.app.amqp.queues.consume_from
+        self.info = WorkerInfo(
+            hostname=parent.hostname, queues=tuple(queues),
+            device_class=os.environ.get(ENV_DEVICE) or detect_device_class(),
+            gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            gpus_per_job=int(os.environ.get(ENV_GPUS_PER_JOB) or 1), pid=os.getpid(),
+            started_at=datetime.now(UTC).isoformat())
+        self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._publish()
+        self.tref = parent.timer.call_repeatedly(REFRESH_S, self._publish, priority=10)
+
+    def _publish(self) -> None:
+        from store.workers import publish
+
+        if _stopping or self.info is None:
+            return
+        try:
+            publish(self.client, self.info)
+        except Exception as exc:  # Redis is down; the next tick writes again
+            log.warning("worker registry: could not publish %s (%s: %s)", self.info.hostname,
+                        type(exc).__name__, exc)
+
+    def stop(self, parent: Any) -> None:
+        from store.workers import remove
+
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.client is not None and self.info is not None:
+            try:
+                remove(self.client, self.info.hostname)
+            except Exception as exc:  # the entry expires on its own
+                log.warning("worker registry: could not remove %s (%s)", self.info.hostname,
+                            exc)
+            self.client.close()
+            self.client = None
+
+    def terminate(self, parent: Any) -> None:
+        # A cold shutdown (SIGTERM remapped to SIGQUIT) calls terminate, not stop.
+        self.stop(parent)
+
+
+celery.steps["worker"].add(WorkerRegistry)
 
 #: Sent by the worker's main process to its pool processes when it begins to shut down. Not
 #: SIGUSR1: billiard takes that one in pool processes for soft time limits (it raises

@@ -32,11 +32,14 @@ from app.schemas import (
     MetricList,
     metric_out,
 )
+from app.workers import WorkersDep, waiting_for_jobs
+from core.routing import Route, job_route
 from core.spec import JobSpec
 from store import events as store_events
 from store.models import Job, JobStatus
 from store.queue import Enqueuer
 from store.sweep import release_enqueue
+from store.workers import RegistryReader
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def create_job(
     settings: SettingsDep,
     principal: PrincipalDep,
     inference: InferenceClientDep,
+    workers: WorkersDep,
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRunQuery = False,
 ) -> Response | JobOut:
@@ -96,7 +100,7 @@ def create_job(
     if idempotency_key is not None:
         existing = idempotency.find(session, scope, idempotency_key, digest, ttl)
         if existing is not None:
-            return _replayed(session, principal, response, existing)
+            return _replayed(session, principal, response, existing, workers)
     try:
         # Stored as handed to the broker (enqueued_at = created_at), so that the queued sweep
         # does not enqueue it too while this request publishes; cleared if the broker refuses.
@@ -107,10 +111,10 @@ def create_job(
     except IntegrityError:
         # A concurrent request with the same key committed first: return its job.
         winner = idempotency.winner(session, scope, idempotency_key, digest, ttl)
-        return _replayed(session, principal, response, winner)
-    out = _out(session, job)  # with its queue_position
+        return _replayed(session, principal, response, winner, workers)
+    out = _out(session, job, workers)  # with its queue_position and waiting_for
     assert job.enqueued_at is not None
-    if not _enqueue(session, enqueuer, job.id, job.enqueued_at):
+    if not _enqueue(session, enqueuer, job.id, job.enqueued_at, job_route(spec)):
         out = out.model_copy(update={"enqueued_at": None})
     if idempotency_key is not None:
         idempotency.purge_expired(session, ttl)
@@ -119,24 +123,27 @@ def create_job(
 
 
 def _replayed(
-    session: Session, principal: Principal, response: Response, job_id: str
+    session: Session, principal: Principal, response: Response, job_id: str,
+    workers: RegistryReader | None = None,
 ) -> JobOut:
     """The answer to a retry: the job an earlier request with the same key created."""
     response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return _out(session, jobs.get_job(session, principal, job_id))
+    return _out(session, jobs.get_job(session, principal, job_id), workers)
 
 
-def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str, claimed_at: datetime) -> bool:
-    """Hand the committed job, stored with ``enqueued_at`` = ``claimed_at``, to the broker.
+def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str, claimed_at: datetime,
+             route: Route) -> bool:
+    """Hand the committed job, stored with ``enqueued_at`` = ``claimed_at``, to the broker
+    on ``route`` (its queue and broker priority, :func:`core.routing.job_route`).
     When the broker does not take it, ``enqueued_at`` goes back to NULL
     (``store.sweep.release_enqueue``) so that the queued sweep enqueues it once the broker
     is back; returns whether the broker took it. Raises nothing: should even the release
     fail, the sweep finds the job after ``LMFORGE_REQUEUE_AFTER_S`` (no message for it in
     the broker)."""
     try:
-        enqueuer.enqueue(job_id)
+        enqueuer.enqueue(job_id, route)
         return True
     except Exception as exc:
         log.warning("the broker did not take job %s (%s: %s); it stays queued and is enqueued "
@@ -151,21 +158,26 @@ def _enqueue(session: Session, enqueuer: Enqueuer, job_id: str, claimed_at: date
     return False
 
 
-def _out(session: Session, job: Job) -> JobOut:
-    return _outs(session, [job])[0]
+def _out(session: Session, job: Job, workers: RegistryReader | None = None) -> JobOut:
+    return _outs(session, [job], workers)[0]
 
 
-def _outs(session: Session, rows: list[Job]) -> list[JobOut]:
-    """Jobs as the API returns them, each with its ``attempt_history`` (one query) and its
-    progress's ``eta_s``/``queue_position`` (:func:`app.metricseries.progress_extras`)."""
+def _outs(session: Session, rows: list[Job],
+          workers: RegistryReader | None = None) -> list[JobOut]:
+    """Jobs as the API returns them, each with its ``attempt_history`` (one query), its
+    progress's ``eta_s``/``queue_position`` (:func:`app.metricseries.progress_extras`) and,
+    for a queued job that no live worker serves, ``waiting_for``
+    (:func:`app.workers.waiting_for_jobs`; null without a registry)."""
     history = jobs.attempt_histories(session, [r.id for r in rows])
     extras = metricseries.progress_extras(session, rows)
+    waiting = waiting_for_jobs(rows, workers)
     outs = []
     for r in rows:
         out = JobOut.model_validate(r)
         outs.append(out.model_copy(update={
             "attempt_history": [AttemptOut.model_validate(a) for a in history[r.id]],
-            "progress": out.progress.model_copy(update=extras[r.id])}))
+            "progress": out.progress.model_copy(update=extras[r.id]),
+            "waiting_for": waiting.get(r.id)}))
     return outs
 
 
@@ -173,6 +185,7 @@ def _outs(session: Session, rows: list[Job]) -> list[JobOut]:
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
+    workers: WorkersDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     after: AfterQuery = None,
     status: Annotated[JobStatus | None, Query(
@@ -181,17 +194,19 @@ def list_jobs(
 ) -> JobList:
     rows, has_more = jobs.list_jobs(session, principal, limit, after, status=status)
     return JobList(
-        data=_outs(session, rows),
+        data=_outs(session, rows, workers),
         has_more=has_more,
         next_after=rows[-1].id if has_more else None,
     )
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep) -> JobOut:
+def get_job(job_id: JobIdPath, session: SessionDep, principal: PrincipalDep,
+            workers: WorkersDep) -> JobOut:
     """The job, its progress, its ``error`` (``{code, message, retryable, phase, step}``) when
-    it failed, and ``attempt_history``: one entry per attempt at running it."""
-    return _out(session, jobs.get_job(session, principal, job_id))
+    it failed, ``attempt_history``: one entry per attempt at running it, and, while it is
+    queued on a queue no live worker serves, ``waiting_for`` (e.g. "cuda")."""
+    return _out(session, jobs.get_job(session, principal, job_id), workers)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.deps import get_enqueuer
 from app.main import create_app
+from core.routing import Route
 from store import apikeys
 from store.db import session_scope
 from store.settings import Settings
@@ -27,12 +28,14 @@ CORPUS = "the quick brown fox jumps over the lazy dog\n" * 80  # 3520 chars, 720
 class RecordingEnqueuer:
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.routes: dict[str, Route] = {}  # job id -> the route it was enqueued on
         self.fail: Exception | None = None
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, route: Route) -> None:
         if self.fail is not None:
             raise self.fail
         self.sent.append(job_id)
+        self.routes[job_id] = route
 
     def ping(self) -> bool:
         return self.fail is None

@@ -36,7 +36,7 @@ from store.db import session_scope
 from store.logs import JOB_ID, JsonFormatter, install_job_ids, job_log_context
 from store.models import JobStatus
 from store.progress import claim_job, finish_job, record_metrics
-from store.queue import CeleryEnqueuer, make_celery
+from store.queue import DEFAULT_ROUTE, CeleryEnqueuer, make_celery
 from store.settings import Settings
 from tests.api.conftest import RecordingEnqueuer, authorize, bearer, small_spec, upload
 
@@ -455,7 +455,7 @@ def test_metrics_report_the_queue_depth_of_a_real_redis(tmp_path: Path) -> None:
         s = _settings(tmp_path, LMFORGE_METRICS_TOKEN="t", REDIS_URL=redis.url)
         enqueuer = CeleryEnqueuer(make_celery(s))
         for i in range(4):  # messages nobody consumes
-            enqueuer.enqueue(f"job_{i:032x}")
+            enqueuer.enqueue(f"job_{i:032x}", DEFAULT_ROUTE)
         with TestClient(create_app(s, enqueuer=enqueuer)) as c:
             fams = _families(c.get("/metrics", headers=bearer("t")).text)
         assert _sample(fams, "lmforge_broker_up") == 1.0

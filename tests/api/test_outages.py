@@ -135,10 +135,8 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
     201 and comes back without hanging (kombu's bounded publish retries); ``/healthz`` says
     the broker is down. Once Redis is back, the next submission is enqueued and stamped, and
     the queued sweep (as the workers run it) enqueues the job that met the outage, once."""
-    import redis
-
     from lmforge.processes import EmbeddedServerError, RedisServer, free_port
-    from store.queue import QUEUE
+    from store.queue import QUEUE, RedisQueueInspector
 
     try:
         broker = RedisServer(port=free_port(), dir=tmp_path / "redis").start()
@@ -167,8 +165,8 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
             later = client.post("/v1/jobs", json=small_spec(ds_id))
             assert later.status_code == 201, later.text
             assert later.json()["enqueued_at"] is not None
-            queue = redis.Redis.from_url(broker.url)
-            messages = queue.lrange(QUEUE, 0, -1)
+            queue = RedisQueueInspector(broker.url)
+            messages = queue.messages([QUEUE])  # small_spec: device "auto", queue lmforge
             assert len(messages) == 1 and later.json()["id"].encode() in messages[0]
             enqueuer = client.app.state.enqueuer  # type: ignore[attr-defined]
             factory = client.app.state.session_factory  # type: ignore[attr-defined]
@@ -176,7 +174,7 @@ def test_a_submission_while_the_broker_is_down_is_stored_queued_and_answered_201
             assert swept.queued == [r.json()["id"]]
             assert client.get(f"/v1/jobs/{r.json()['id']}").json()["enqueued_at"] is not None
             assert sweep_queued(factory, enqueuer, settings, inspector=None).queued == []
-            assert sum(r.json()["id"].encode() in m for m in queue.lrange(QUEUE, 0, -1)) == 1
+            assert sum(r.json()["id"].encode() in m for m in queue.messages([QUEUE])) == 1
     finally:
         broker.stop()
 

@@ -32,9 +32,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select
 
+from core.routing import job_route
+from core.spec import JobSpec
 from lmforge import proctree
 from lmforge.processes import (
     EmbeddedServerError,
@@ -48,7 +49,7 @@ from lmforge.processes import (
 from store import apikeys
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from store.models import Job
-from store.queue import QUEUE, CeleryEnqueuer, make_celery
+from store.queue import QUEUE, CeleryEnqueuer, RedisQueueInspector, make_celery
 from store.settings import Settings
 from tests.e2e.conftest import (
     SMALL_MODEL,
@@ -402,7 +403,8 @@ def test_the_same_task_delivered_twice_trains_once(make_stack: Callable[..., Sta
     stack.start_worker("b")
     steps = 300
     job_id = stack.submit(steps)
-    CeleryEnqueuer(make_celery(Settings(REDIS_URL=stack.redis.url))).enqueue(job_id)
+    route = job_route(JobSpec.model_validate(stack.spec(steps)))  # the API's route: "cpu"
+    CeleryEnqueuer(make_celery(Settings(REDIS_URL=stack.redis.url))).enqueue(job_id, route)
 
     job = stack.finished(job_id)
     assert job["status"] == "succeeded", (job["error"], stack.logs())
@@ -410,10 +412,10 @@ def test_the_same_task_delivered_twice_trains_once(make_stack: Callable[..., Sta
     assert attempts_of(job) == [(1, "succeeded")]
     stack.assert_exact_metrics(job_id, steps)
     # Both messages were consumed and acknowledged: none waits, none is held.
-    client = redis.Redis.from_url(stack.redis.url)
+    inspector = RedisQueueInspector(stack.redis.url)
     wait_for("both messages acknowledged",
-             lambda: client.llen(QUEUE) == 0 and client.hlen("unacked") == 0)
-    client.close()
+             lambda: set(inspector.queue_lengths([QUEUE, route.queue]).values()) == {0})
+    inspector.close()
 
 
 # -- Redis outages -------------------------------------------------------------------------------
