@@ -62,9 +62,11 @@ def split_texts(spec: JobSpec, texts: CorpusTexts) -> SplitTexts:
 
 def tokens_needed(spec: JobSpec) -> dict[str, int]:
     """The fewest tokens each split may hold: one batch of ``batch_size x (seq_len + 1)`` for
-    training, 2 (one prediction) for validation and test."""
+    training (``batch_size x resources.gpus`` streams for a data-parallel job: the global
+    batch), 2 (one prediction) for validation and test."""
     t = spec.training
-    return {"train": t.batch_size * (t.seq_len + 1), "validation": 2, "test": 2}
+    return {"train": t.batch_size * spec.resources.gpus * (t.seq_len + 1), "validation": 2,
+            "test": 2}
 
 
 def estimate_split_tokens(spec: JobSpec, stats: Mapping[str, TextStats]) -> dict[str, int]:
@@ -126,13 +128,16 @@ def corpus_shortfall(spec: JobSpec, tokens: Mapping[str, int | None], *,
     why = (" (byte-level BPE makes at most one token per UTF-8 byte)"
            if accuracy == "at most" else "")
     b, t = spec.training.batch_size, spec.training.seq_len
+    n = spec.resources.gpus
+    batch = (f"batch_size x (seq_len + 1) = {b} x {t + 1}" if n == 1 else
+             f"batch_size x resources.gpus x (seq_len + 1) = {b} x {n} x {t + 1}")
     for name in SPLITS:
         have = tokens.get(name)
         if have is None or have >= need[name]:
             continue
         if name == "train":
             message = (f"the training split has {qualifier}{have} {unit}{why} but one batch "
-                       f"needs batch_size x (seq_len + 1) = {b} x {t + 1} = {need[name]}; use "
+                       f"needs {batch} = {need[name]}; use "
                        f"more text, a smaller batch_size or seq_len, or a smaller "
                        f"val_fraction/test_fraction")
             field = "training.batch_size"

@@ -59,7 +59,6 @@ from worker.engine.tokenizers import tokenizer_from_json
 from worker.engine.trainer import (
     _resumable,
     failures_explained,
-    global_batch_spec,
     resolve_device,
     train_prepared,
 )
@@ -126,7 +125,7 @@ def train_data_parallel(spec: JobSpec, sources: CorpusSources, hooks: TrainingHo
         ckpt = _resumable(resume_from)
         tokenizer = None if ckpt is None else ckpt.tokenizer
         prepared = prepare_corpus(spec, sources, cache_dir, tokenizer=tokenizer)
-        corpus_from_prepared(global_batch_spec(spec), prepared)  # too small: fail here
+        corpus_from_prepared(spec, prepared)  # too small for the global batch: fail here
     threads_before = torch.get_num_threads()
     if base.type == "cpu" and spec.training.num_threads is None:
         torch.set_num_threads(_threads_per_rank(world))

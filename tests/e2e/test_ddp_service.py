@@ -8,7 +8,9 @@ processes: Redis, the API and ``lmforge worker --device cpu --gpus-per-job 2`` (
   no rank process outlives it;
 - a rank killed mid-run fails the attempt with ``rank_failed``; the worker queues the job
   again, the next attempt resumes from the last periodic checkpoint and finishes it, every
-  step still recorded once.
+  step still recorded once;
+- SIGTERM to the worker reaches rank 0, every rank stops in step, ``last`` is saved and the
+  job goes back to the queue; another worker resumes it to the end.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ TRAINING = {"batch_size": BATCH, "seq_len": SEQ_LEN, "max_steps": STEPS, "eval_i
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[QueueStack]:
-    s = QueueStack(tmp_path / "stack", f"sqlite:///{tmp_path / 'lmforge.db'}")
+    # No sweep requeues a job within a test (an hour's lease): every requeue is the worker's.
+    s = QueueStack(tmp_path / "stack", f"sqlite:///{tmp_path / 'lmforge.db'}",
+                   LMFORGE_HEARTBEAT_TIMEOUT_S="3600")
     try:
         s.start_api()
         s.start_worker_with("ddp", "--device", "cpu", "--gpus-per-job", "2")
@@ -51,10 +55,10 @@ def stack(tmp_path: Path) -> Iterator[QueueStack]:
         s.close()
 
 
-def _rank_pids(stack: QueueStack) -> set[int]:
+def _rank_pids(stack: QueueStack, worker: str = "ddp") -> set[int]:
     """The worker's data-parallel rank processes (``python -m worker.ddp_rank``)."""
     out = set()
-    for pid in proctree.descendants(stack.workers["ddp"].pid):
+    for pid in proctree.descendants(stack.workers[worker].pid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -64,16 +68,17 @@ def _rank_pids(stack: QueueStack) -> set[int]:
     return out
 
 
-def _submit(stack: QueueStack) -> str:
-    return stack.submit_spec(name="ddp", training=TRAINING, **DDP)
+def _submit(stack: QueueStack, steps: int = STEPS) -> str:
+    return stack.submit_spec(name="ddp", training={**TRAINING, "max_steps": steps}, **DDP)
 
 
-def _assert_each_step_once(stack: QueueStack, job_id: str) -> list[dict[str, Any]]:
+def _assert_each_step_once(stack: QueueStack, job_id: str,
+                           steps: int = STEPS) -> list[dict[str, Any]]:
     rows = stack.api.metrics(job_id, page_size=1000)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     # tokens over both ranks: 2 processes x BATCH streams x SEQ_LEN per step
     assert [r["tokens_seen"] for r in rows] == [s * 2 * BATCH * SEQ_LEN
-                                                for s in range(1, STEPS + 1)]
+                                                for s in range(1, steps + 1)]
     return rows
 
 
@@ -114,3 +119,28 @@ def test_a_killed_rank_requeues_the_job_which_resumes_and_finishes(stack: QueueS
     assert second["outcome"] == "succeeded" and second["resumed_from_step"] >= 10, second
     _assert_each_step_once(stack, job_id)
     assert _rank_pids(stack) == set()
+
+
+def test_sigterm_stops_every_rank_saves_last_and_another_worker_finishes(
+    stack: QueueStack,
+) -> None:
+    steps = 300
+    job_id = _submit(stack, steps)
+    stack.wait_step(job_id, 5)
+    ranks = _rank_pids(stack)
+    assert len(ranks) == 1
+    stack.start_worker_with("ddp2", "--device", "cpu", "--gpus-per-job", "2")
+    stack.registered("ddp2@")
+    stack.workers["ddp"].send_signal(signal.SIGTERM)
+    stack.workers["ddp"].wait(120)
+    assert proctree.wait_gone(ranks) == set()
+
+    job = stack.api.wait_finished(job_id)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    history = [(a["attempt"], a["outcome"]) for a in job["attempt_history"]]
+    assert history == [(1, "interrupted"), (2, "succeeded")]
+    first, second = job["attempt_history"]
+    assert first["worker"] != second["worker"]  # "<host>:<pool pid>" of each worker
+    assert second["resumed_from_step"] >= 5  # the `last` checkpoint the SIGTERM saved
+    _assert_each_step_once(stack, job_id, steps)
+    assert _rank_pids(stack, "ddp2") == set()

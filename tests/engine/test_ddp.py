@@ -169,5 +169,29 @@ def test_a_corpus_too_small_for_the_global_batch_fails_before_any_rank_starts() 
     text = builtin_corpus("python-docs")[:5_000]
     with pytest.raises(TrainingError) as err:
         train_data_parallel(spec, CorpusSources.from_texts(text), RecordingHooks())
-    assert err.value.code == "corpus_too_small" and "320" in err.value.message
+    assert err.value.code == "corpus_too_small"
+    assert "batch_size x resources.gpus x (seq_len + 1) = 160 x 2 x 17 = 5440" in \
+        err.value.message
     assert _rank_processes() == []
+
+
+def test_the_corpus_size_rule_counts_the_global_batch() -> None:
+    # The one rule the API (422 at submission) and the engine share (core.splits).
+    from core.splits import corpus_shortfall
+
+    tokens = {"train": 4_000, "validation": 500, "test": 500}
+    assert corpus_shortfall(_spec(160, 1), tokens) is None
+    short = corpus_shortfall(_spec(160, 2), tokens)
+    assert short is not None and "= 5440" in short.message
+
+
+def test_one_process_with_the_doubled_batch_resumes_a_two_process_checkpoint() -> None:
+    # The checkpoint format is the 1-process one: all 8 streams' hidden state, rank 0's
+    # generator state as rng.cpu (rank 1's extra tensor is ignored).
+    two = RecordingHooks()
+    train_data_parallel(_spec(4, 2, max_steps=10), _sources(), two)
+    resumed, full = RecordingHooks(), RecordingHooks()
+    train_sources(_spec(8, 1), _sources(), resumed, resume_from=two.last("last").data)
+    train_sources(_spec(8, 1), _sources(), full)
+    assert [r.step for r in resumed.rows] == list(range(11, 21))
+    _assert_rows_close(full.rows[10:], resumed.rows)

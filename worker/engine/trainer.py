@@ -218,7 +218,7 @@ def _train(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
 
     # -- data: views of the token files, widened to int64 a window at a time ----------------
     tok = prepared.tokenizer
-    corpus = corpus_from_prepared(global_batch_spec(spec), prepared)
+    corpus = corpus_from_prepared(spec, prepared)
     batches = _train_batches(corpus, t.batch_size, t.seq_len, dev, dist)
     log.info("data: %d train / %d val / %s test tokens (%s), vocab %d, %d batches per epoch",
              corpus.train.numel(), corpus.validation.numel(),
@@ -291,16 +291,6 @@ def _resumable(data: bytes | None) -> LoadedCheckpoint | None:
                             f"a {ckpt.kind!r} checkpoint holds weights only; resume from a "
                             f"'last' or 'periodic' checkpoint")
     return ckpt
-
-
-def global_batch_spec(spec: JobSpec) -> JobSpec:
-    """``spec`` with ``training.batch_size`` the global batch (per process x
-    ``resources.gpus``): what the corpus-size check needs; ``spec`` itself for one process."""
-    n = spec.resources.gpus
-    if n == 1:
-        return spec
-    training = spec.training.model_copy(update={"batch_size": spec.training.batch_size * n})
-    return spec.model_copy(update={"training": training})
 
 
 def _train_batches(corpus: Corpus, batch_size: int, seq_len: int,
