@@ -171,8 +171,11 @@ def _progress_text(job: dict[str, Any]) -> str:
 
 
 def _when(job: dict[str, Any]) -> str:
-    """``queue #N`` while queued, ``eta 3m20s`` while running."""
+    """``queue #N`` while queued (``waits: cuda`` when no live worker serves its queue),
+    ``eta 3m20s`` while running."""
     p = job.get("progress") or {}
+    if job.get("waiting_for"):
+        return f"waits: {job['waiting_for']}"
     if p.get("queue_position") is not None:
         return f"queue #{p['queue_position']}"
     if p.get("eta_s") is not None:
@@ -200,6 +203,9 @@ def _status_lines(job: dict[str, Any]) -> list[str]:
                                               if job.get("cancel_requested")
                                               and job["status"] == "running" else ""),
              f"progress  {_progress_text(job)}  {_when(job)}"]
+    if job.get("waiting_for"):  # queued on a queue no live worker serves
+        lines.append(f"waiting   for {job['waiting_for']} (no live worker serves its queue; "
+                     f"docs/deploy.md, \"Queues and devices\")")
     if m:
         lines.append(f"metrics   step {m.get('step')}: train_loss {_num(m.get('train_loss'))}"
                      f", val_ppl {_num(m.get('val_ppl'))}, tokens/s "

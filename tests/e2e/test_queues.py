@@ -123,6 +123,12 @@ def test_a_cuda_job_waits_on_cpu_workers_with_waiting_for_cuda_until_a_cuda_work
     assert inspector.pending_job_ids(0.0, queues=["cpu", "lmforge"]) == set()
     listed = stack.client.get("/v1/jobs").json()["data"]
     assert {j["id"]: j["waiting_for"] for j in listed} == {cuda_job: "cuda", cpu_job: None}
+    status = subprocess.run(
+        [*CLI, "status", cuda_job, "--url", str(stack.client.base_url), "--api-key",
+         stack.client.headers["Authorization"].split()[1]],
+        env=stack.env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "waiting   for cuda (no live worker serves its queue" in status.stdout
 
     # A worker that serves "cuda" takes it (here, without CUDA, the job then fails as it
     # should: device_unavailable).
