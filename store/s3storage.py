@@ -20,7 +20,10 @@ Reads are checked end to end: every read (:meth:`S3Storage.open`, :meth:`~S3Stor
 it, and raises :class:`store.storage.BlobCorrupt` when the bytes do not match the recorded
 sha256, before the caller sees any of them (an object without that metadata, written by another
 tool, is returned as is: the callers check every blob against the sha256 of its database row
-anyway). A missing object is ``FileNotFoundError``, as for a missing file.
+anyway). A missing object is ``FileNotFoundError``, as for a missing file; any other failure of
+the store (unreachable, refused credentials, a missing bucket) is
+:class:`store.storage.StorageUnavailable` (503 ``storage_unavailable`` in the API), after
+boto3's own retries.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from datetime import datetime
 from typing import Any, BinaryIO, cast
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from store.storage import CHUNK_BYTES, BlobCorrupt, BlobWriter, check_key
+from store.storage import CHUNK_BYTES, BlobCorrupt, BlobWriter, StorageUnavailable, check_key
 
 # The object metadata that records a blob's sha256 (hex); S3 sends it as x-amz-meta-sha256.
 SHA256_METADATA = "sha256"
@@ -61,11 +65,25 @@ class ObjectInfo:
     parts: int | None = None
 
 
+@contextmanager
+def store_errors(where: str) -> Iterator[None]:
+    """Translate boto3's errors in the block: a missing object (404) to
+    ``FileNotFoundError``, anything else to :class:`StorageUnavailable` naming ``where``."""
+    try:
+        yield
+    except ClientError as exc:
+        if is_missing(exc):
+            raise FileNotFoundError(f"no object {where}") from exc
+        raise StorageUnavailable(f"the object store failed on {where}: {exc}") from exc
+    except (BotoCoreError, Boto3Error) as exc:  # unreachable; a failed managed upload
+        raise StorageUnavailable(f"the object store cannot be reached for {where}: {exc}"
+                                 ) from exc
+
+
 def is_missing(exc: ClientError) -> bool:
-    """True when ``exc`` says the object (or bucket) does not exist."""
-    err = exc.response.get("Error", {})
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return str(err.get("Code")) in _MISSING_CODES or status == 404
+    """True when ``exc`` says the object does not exist (``NoSuchKey``, or a ``HEAD``'s bare
+    404; not ``NoSuchBucket``, a configuration error)."""
+    return str(exc.response.get("Error", {}).get("Code")) in _MISSING_CODES
 
 
 class S3Storage:
@@ -115,6 +133,10 @@ class S3Storage:
                 self._client_pid = os.getpid()
             return self._client
 
+    def url(self, object_key: str) -> str:
+        """``s3://BUCKET/OBJECT_KEY``, for messages."""
+        return f"s3://{self.bucket}/{object_key}"
+
     def object_key(self, key: str) -> str:
         """The object key of storage key ``key`` (``PREFIX/key``). Raises ``ValueError`` for a
         key that is not of the shape :data:`store.storage.KEY_PATTERN`."""
@@ -133,13 +155,14 @@ class S3Storage:
             yield w
             fh.flush()
             fh.seek(0)
-            self.client.upload_fileobj(
-                fh, self.bucket, object_key,
-                ExtraArgs={"Metadata": {SHA256_METADATA: w.sha256},
-                           "ChecksumAlgorithm": "SHA256",
-                           "ContentType": "application/octet-stream"},
-                Config=self.transfer_config,
-            )
+            with store_errors(self.url(object_key)):
+                self.client.upload_fileobj(
+                    fh, self.bucket, object_key,
+                    ExtraArgs={"Metadata": {SHA256_METADATA: w.sha256},
+                               "ChecksumAlgorithm": "SHA256",
+                               "ContentType": "application/octet-stream"},
+                    Config=self.transfer_config,
+                )
 
     def put_stream(
         self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
@@ -157,29 +180,26 @@ class S3Storage:
         """The blob as a readable, seekable binary file (an anonymous local temporary file,
         gone once closed), its bytes checked against the recorded sha256 first. Raises
         ``FileNotFoundError`` when there is no such object, :class:`BlobCorrupt` when the
-        bytes do not match, ``ValueError`` for an invalid key."""
-        object_key = self.object_key(key)
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=object_key)
-        except ClientError as exc:
-            if is_missing(exc):
-                raise FileNotFoundError(f"no object s3://{self.bucket}/{object_key}") from exc
-            raise
-        expected = (resp.get("Metadata") or {}).get(SHA256_METADATA)
+        bytes do not match, :class:`StorageUnavailable` when the store fails, ``ValueError``
+        for an invalid key."""
+        where = self.url(self.object_key(key))
         fh = tempfile.TemporaryFile(prefix="lmforge-s3-")
         try:
             digest = hashlib.sha256()
-            body = resp["Body"]
-            try:
-                for chunk in body.iter_chunks(CHUNK_BYTES):
-                    digest.update(chunk)
-                    fh.write(chunk)
-            finally:
-                body.close()
+            with store_errors(where):
+                resp = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+                expected = (resp.get("Metadata") or {}).get(SHA256_METADATA)
+                body = resp["Body"]
+                try:
+                    for chunk in body.iter_chunks(CHUNK_BYTES):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                finally:
+                    body.close()
             if expected is not None and digest.hexdigest() != expected:
                 raise BlobCorrupt(
-                    f"s3://{self.bucket}/{object_key} is damaged: its bytes' sha256 "
-                    f"{digest.hexdigest()} is not the recorded {expected}")
+                    f"{where} is damaged: its bytes' sha256 {digest.hexdigest()} is not the "
+                    f"recorded {expected}")
             fh.seek(0)
         except BaseException:
             fh.close()
@@ -201,17 +221,19 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error (``DeleteObject`` is idempotent)."""
-        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        object_key = self.object_key(key)
+        with store_errors(self.url(object_key)):
+            self.client.delete_object(Bucket=self.bucket, Key=object_key)
 
     # -- for the API's downloads (app.routes.files) -------------------------------------------
     def head(self, key: str) -> ObjectInfo | None:
         """The object's :class:`ObjectInfo`, or None when there is none."""
+        object_key = self.object_key(key)
         try:
-            h = self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
-        except ClientError as exc:
-            if is_missing(exc):
-                return None
-            raise
+            with store_errors(self.url(object_key)):
+                h = self.client.head_object(Bucket=self.bucket, Key=object_key)
+        except FileNotFoundError:
+            return None
         return ObjectInfo(size=int(h["ContentLength"]), etag=str(h["ETag"]),
                           last_modified=h["LastModified"],
                           sha256=(h.get("Metadata") or {}).get(SHA256_METADATA),
@@ -224,20 +246,17 @@ class S3Storage:
         """The object's bytes (or bytes ``start..end`` inclusive of ``byte_range``) straight
         from the store, unchecked (the caller verified this version, ``if_match`` = its
         ETag; a changed object then fails the request). The request is sent now, so a
-        missing object (``FileNotFoundError``) or a changed one (``ClientError``
-        ``PreconditionFailed``) raises here, before any byte is yielded."""
+        missing object (``FileNotFoundError``) or a changed one (:class:`StorageUnavailable`,
+        S3's ``PreconditionFailed``) raises here, before any byte is yielded."""
+        where = self.url(self.object_key(key))
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.object_key(key)}
         if if_match is not None:
             args["IfMatch"] = if_match
         if byte_range is not None:
             args["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
-        try:
+        with store_errors(where):
             body = self.client.get_object(**args)["Body"]
-        except ClientError as exc:
-            if is_missing(exc):
-                raise FileNotFoundError(f"no object for storage key {key!r}") from exc
-            raise
-        return _chunks(body, chunk_size)
+        return _chunks(body, chunk_size, where)
 
     def sha256_of(self, key: str, if_match: str | None = None) -> str:
         """The sha256 (hex) of the object's bytes, read through once (no local copy)."""
@@ -254,12 +273,14 @@ class S3Storage:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.object_key(key)}
         if disposition is not None:
             params["ResponseContentDisposition"] = disposition
-        return str(self.client.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=int(expires_s)))
+        with store_errors(self.url(params["Key"])):
+            return str(self.client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=int(expires_s)))
 
 
-def _chunks(body: Any, chunk_size: int) -> Iterator[bytes]:
+def _chunks(body: Any, chunk_size: int, where: str) -> Iterator[bytes]:
     try:
-        yield from body.iter_chunks(chunk_size)
+        with store_errors(where):
+            yield from body.iter_chunks(chunk_size)
     finally:
         body.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
-from core.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge, ServiceUnavailable
 
 if TYPE_CHECKING:
     from store.settings import Settings
@@ -44,6 +44,13 @@ class BlobCorrupt(OSError):
     ``x-amz-meta-sha256``): the blob is damaged and must not be used. An ``OSError``, so a
     reader that treats unreadable blobs as errors (``TextSource``) reports it as one; the
     callers that have a code for damaged blobs (``checkpoint_corrupt``, ...) catch it."""
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """The blob store cannot be used right now (an object store that does not answer, refuses
+    the credentials or fails the request): 503 ``storage_unavailable`` in the API."""
+
+    code = "storage_unavailable"
 
 
 def check_key(key: str) -> str:

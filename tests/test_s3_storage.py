@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,31 @@ def test_resuming_skips_a_damaged_checkpoint_object(
         point = resume_point(s, storage, job_id)
     assert (point.data, point.step) == (b"step two", 2)  # the damaged later one is skipped
     assert late_key in point.stale and early_key not in point.stale
+
+
+def test_a_store_that_cannot_be_used_is_storage_unavailable(
+        s3_server: MotoServer, client: Any) -> None:
+    from lmforge.processes import free_port
+    from store.storage import StorageUnavailable
+
+    no_bucket = S3Storage("lmforge-no-such-bucket", "", client)
+    for missing_bucket_op in (lambda: no_bucket.put_bytes("a/b", b"1"),
+                              lambda: no_bucket.read_bytes("a/b")):
+        with pytest.raises(StorageUnavailable) as err:
+            missing_bucket_op()
+        assert err.value.code == "storage_unavailable"
+        assert "lmforge-no-such-bucket" in err.value.message
+    import boto3
+    from botocore.config import Config
+
+    closed = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                          aws_access_key_id="x", aws_secret_access_key="y",
+                          region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+    down = S3Storage("bucket", "", closed)
+    ops: list[Callable[[], object]] = [
+        lambda: down.put_bytes("a/b", b"1"), lambda: down.exists("a/b"),
+        lambda: down.read_bytes("a/b")]
+    for op in ops:
+        with pytest.raises(StorageUnavailable):
+            op()

@@ -225,11 +225,6 @@ def _as_s3(storage: Storage) -> S3Storage | None:
     return storage if isinstance(storage, S3Storage) else None
 
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable(f"the object store cannot be read: {exc}; try again",
-                              code="storage_unavailable")
-
-
 def _s3_blob_response(
     request: Request,
     storage: S3Storage,
@@ -242,9 +237,8 @@ def _s3_blob_response(
     headers: dict[str, str] | None,
     media_type: str,
 ) -> Response:
-    """:func:`blob_response` for an object store (the module docstring says how)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """:func:`blob_response` for an object store (the module docstring says how). A store
+    that fails is :class:`store.storage.StorageUnavailable` (503 ``storage_unavailable``)."""
     missing = ServiceUnavailable(f"the blob of {what} is missing from storage",
                                  code="blob_missing")
     try:
@@ -275,8 +269,6 @@ def _s3_blob_response(
         return _s3_body(request, storage, key, info, out, media_type)
     except FileNotFoundError as exc:  # removed meanwhile
         raise missing from exc
-    except (BotoCoreError, ClientError) as exc:  # unreachable, or replaced meanwhile (412)
-        raise _unavailable(exc) from exc
 
 
 def _s3_body(request: Request, storage: S3Storage, key: str, info: ObjectInfo,

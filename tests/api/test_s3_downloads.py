@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from store.models import Checkpoint
 from store.settings import Settings
 from tests.api import test_downloads as base
+from tests.api.conftest import upload
 from tests.support.s3 import MotoServer, make_bucket, s3_client, s3_env
 
 Factory = sessionmaker[Session]
@@ -116,3 +117,15 @@ def test_with_presigning_a_download_is_307_to_a_url_serving_the_bytes(
     assert client.head(url).status_code == 200
     assert client.get(url, headers={"If-None-Match": ETAG},
                       follow_redirects=False).status_code == 304
+
+
+def test_an_upload_to_a_store_that_fails_is_503_storage_unavailable(
+        client: TestClient, url: str, s3_server: MotoServer, bucket: str) -> None:
+    s3 = s3_client(s3_server)
+    for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=o["Key"])
+    s3.delete_bucket(Bucket=bucket)  # the bucket is gone: a configuration error
+    r = upload(client, "some text to store\n" * 20, name="after")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "storage_unavailable"
+    assert bucket in r.json()["error"]["message"]
