@@ -71,6 +71,11 @@
       : `${mm}:${String(ss).padStart(2, "0")}`;
   }
 
+  // A queued job that no live worker serves: what it waits for ("cuda", "worker x2", ...).
+  function waitingText(job) {
+    return job.status === "queued" && job.waiting_for ? `waiting for ${job.waiting_for}` : null;
+  }
+
   function statusBadge(status, extra) {
     return h("span", { class: `badge status-${status}`, "data-status": status },
       status + (extra ? ` (${extra})` : ""));
@@ -286,7 +291,7 @@
         return h("tr", { "data-job-id": job.id },
           h("td", {}, link, h("div", { class: "muted small mono" }, job.id)),
           h("td", {}, statusBadge(job.status, job.cancel_requested && job.status === "running"
-            ? "cancelling" : null)),
+            ? "cancelling" : waitingText(job))),
           h("td", {}, progressBar(job.progress || {})),
           h("td", { class: "num best" }, best),
           h("td", { class: "num" }, job.status === "running" ? fmt(lm.tokens_per_s ?? lm.rollout_tokens_per_s, 0) : "—"),
@@ -583,7 +588,8 @@
     function drawHead() {
       const cancelling = job.cancel_requested && !TERMINAL.has(job.status);
       head.replaceChildren(
-        h("h1", {}, job.name || job.id, " ", statusBadge(job.status, cancelling ? "cancelling" : null)));
+        h("h1", {}, job.name || job.id, " ",
+          statusBadge(job.status, cancelling ? "cancelling" : waitingText(job))));
       if (!TERMINAL.has(job.status) && !job.cancel_requested) head.append(cancelBtn);
       const lm = job.latest_metrics || {};
       const p = job.progress || {};
