@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Token files of prepared corpora (worker.engine.tokencache), shared by every worker on this
     # machine; by default LMFORGE_HOME/cache/tokens. Safe to delete between jobs.
     token_cache_dir: Path | None = Field(default=None, alias="LMFORGE_TOKEN_CACHE_DIR")
+    # Each worker pool process imports torch and the engine and runs a tiny training step when
+    # it starts (worker.preload), so that its first job starts training within tens of
+    # milliseconds instead of paying seconds of one-time loading (docs/benchmarks.md).
+    worker_preload: bool = Field(default=True, alias="LMFORGE_WORKER_PRELOAD")
 
     # -- Quotas and resource limits (docs/security.md, "Quotas and resource limits") ----------
     # A job's size, checked at submission (core.estimate; 422 job_too_large): its parameters,

@@ -38,6 +38,7 @@ from celery.exceptions import CPendingDeprecationWarning
 
 from store.queue import make_celery
 from store.settings import get_settings
+from worker.preload import PRELOAD_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,21 @@ SHUTDOWN = threading.Event()
 def _on_pool_process_init(**_: Any) -> None:
     # In the pool process, before billiard's reset_signals(), which leaves SIGUSR2 alone.
     signal.signal(SHUTDOWN_SIGNAL, lambda signum, frame: SHUTDOWN.set())
+
+
+# Preload (worker.preload): each pool process loads torch and the engine when it starts, not
+# on its first job; its "up" message waits for that, hence the longer start-up allowance.
+celery.conf.worker_proc_alive_timeout = PRELOAD_TIMEOUT_S
+
+
+@signals.worker_process_init.connect
+def _preload_in_pool_process(**_: Any) -> None:
+    # After _on_pool_process_init (receivers run in the order connected); never in the main
+    # process, which forks the pool and must not import torch.
+    if get_settings().worker_preload:
+        from worker.preload import preload_engine
+
+        preload_engine()
 
 
 def _pool_pids(pool: Any) -> list[int]:
