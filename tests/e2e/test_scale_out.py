@@ -4,7 +4,8 @@ database, one Redis server and one S3-compatible object store (a real ``moto`` s
 process). See :mod:`tests.support.cluster`.
 
 - A dataset uploaded and a job submitted through API A are seen, polled and downloaded through
-  API B; the blobs are objects in the bucket and no node has a file in its local storage.
+  API B (and the submission, retried through B with its Idempotency-Key, is the same job); the
+  blobs are objects in the bucket and no node has a file in its local storage.
 - SIGKILL of the whole worker running a job, after its first periodic checkpoint: the other
   worker takes the job (second attempt, another worker), resumes it from that checkpoint's
   step (read from the object store: it has no local copy) and finishes it with every step
@@ -118,7 +119,16 @@ def test_a_dataset_and_job_sent_to_one_api_are_served_by_the_other_from_the_obje
     assert (seen.json()["sha256"], seen.json()["bytes"]) == (dataset["sha256"], dataset["bytes"])
 
     steps = 40
-    job_id = a.submit(**spec(steps, eval_interval=20))["id"]
+    body = a.spec(**spec(steps, eval_interval=20))
+    key = {"Idempotency-Key": "scale-out-1"}
+    sent = a.client.post("/v1/jobs", json=body, headers=key)
+    assert sent.status_code == 201, sent.text
+    job_id = sent.json()["id"]
+    # A client retrying through the other API (behind a load balancer) gets the same job.
+    retried = b.client.post("/v1/jobs", json=body, headers=key)
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.json()["id"] == job_id
     job = b.wait_finished(job_id)
     assert job["status"] == "succeeded", (job["error"], cluster.logs())
     assert attempts_of(job) == [(1, "succeeded")]
