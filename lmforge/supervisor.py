@@ -2,7 +2,8 @@
 
 The supervisor starts, in order: an embedded Redis server (only when ``REDIS_URL`` is unset),
 the database schema upgrade (in-process, before anything can use the database), one Celery
-worker, the inference server (``lmforge serve`` on 127.0.0.1: on the port of
+worker (on every queue this machine can serve: :func:`up_worker_queues`), the inference
+server (``lmforge serve`` on 127.0.0.1: on the port of
 ``LMFORGE_INFERENCE_URL`` when that is set, else on a free port it hands to the API in
 ``LMFORGE_INFERENCE_URL``) and the API. Every child gets ``PR_SET_PDEATHSIG`` (a killed
 supervisor takes them down) and its own process group (a terminal's Ctrl-C reaches only the
@@ -45,6 +46,18 @@ WORKER_STOP_TIMEOUT_S = 60.0
 API_STOP_TIMEOUT_S = 15.0
 INFERENCE_STOP_TIMEOUT_S = 15.0
 STARTUP_TIMEOUT_S = 120.0
+
+
+def up_worker_queues() -> list[str]:
+    """The queues of ``lmforge up``'s one worker: every job this machine can run
+    (docs/deploy.md, "Queues and devices"). A GPU machine serves ``cuda``, ``lmforge`` and
+    ``cpu`` (a CPU job may use it too, after the GPU jobs of its priority); a CPU-only one
+    ``cpu`` and ``lmforge`` (a ``cuda`` job waits, ``waiting_for: "cuda"``)."""
+    from store.workers import detect_device_class
+
+    if detect_device_class() == "cuda":
+        return ["cuda", "lmforge", "cpu"]
+    return ["cpu", "lmforge"]
 
 
 class StartupError(RuntimeError):
@@ -119,7 +132,8 @@ class Supervisor:
         self._check_stop()
         env = os.environ.copy()
         cli = [sys.executable, "-m", "lmforge.cli"]
-        worker = spawn([*cli, "worker", "--concurrency", str(self.concurrency)], env=env)
+        worker = spawn([*cli, "worker", "--concurrency", str(self.concurrency),
+                        "--queues", ",".join(up_worker_queues())], env=env)
         self.children.append(_Child("worker", worker, WORKER_STOP_TIMEOUT_S))
         inference_url = self._inference_url(env)
         serve = spawn([*cli, "serve", "--host", "127.0.0.1", "--port",
