@@ -19,13 +19,14 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from app.metricseries import queue_positions
 from lmforge import proctree
 from lmforge.processes import RedisServer, terminate
 from store.db import make_engine, make_session_factory, session_scope, upgrade_database
@@ -263,3 +264,34 @@ def test_a_registry_reader_with_redis_down_answers_none(tmp_path: Path) -> None:
     broker.stop()
     assert reader.workers() is None and reader.served_queues() is None
     reader.close()
+
+
+def test_queue_positions_count_within_each_queue_by_priority_then_enqueue_time(
+    factory: Any,
+) -> None:
+    t0 = utcnow()
+
+    def job(device: str, priority: int, enqueued_s: float | None) -> str:
+        job_id = new_id("job")
+        spec = {"dataset_id": "ds", "training": {"device": device}, "priority": priority,
+                "resources": {"device": device, "gpus": 1, "queue": None}}
+        with session_scope(factory) as s:
+            s.add(Job(id=job_id, status=JobStatus.QUEUED, spec=spec, progress={"step": 0},
+                      enqueued_at=None if enqueued_s is None
+                      else t0 + timedelta(seconds=enqueued_s)))
+        return job_id
+
+    cpu_old_low = job("cpu", 1, 0)
+    cpu_new_high = job("cpu", 9, 10)
+    cpu_mid_unsent = job("cpu", 5, None)  # not handed to the broker yet
+    cpu_mid = job("cpu", 5, 5)
+    cuda_low = job("cuda", 0, 1)
+    old_spec = new_id("job")  # stored before resources/priority existed: device auto, 5
+    with session_scope(factory) as s:
+        s.add(Job(id=old_spec, status=JobStatus.QUEUED, spec={"dataset_id": "ds"},
+                  progress={"step": 0}, enqueued_at=t0))
+    with session_scope(factory) as s:
+        got = queue_positions(s, [cpu_old_low, cpu_new_high, cpu_mid_unsent, cpu_mid,
+                                  cuda_low, old_spec])
+    assert got == {cpu_new_high: 1, cpu_mid: 2, cpu_mid_unsent: 3, cpu_old_low: 4,
+                   cuda_low: 1, old_spec: 1}
