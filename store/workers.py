@@ -166,7 +166,8 @@ class RegistryReader:
 
     ``redis_url``: the broker's URL (``REDIS_URL``; the workers write to the same database).
     Every command is bounded by ``socket_timeout`` seconds; a Redis that does not answer
-    gives None (logged once per failed read) and is asked again after ``cache_s``."""
+    gives None (a warning at the first failed read of an outage) and is asked again after
+    ``cache_s``."""
 
     def __init__(self, redis_url: str, *, cache_s: float = CACHE_S,
                  socket_timeout: float = 0.5) -> None:
@@ -178,6 +179,7 @@ class RegistryReader:
         self._lock = threading.Lock()
         self._read_at = -float("inf")
         self._workers: list[WorkerInfo] | None = None
+        self._failing = False
 
     def workers(self) -> list[WorkerInfo] | None:
         """The live workers (:func:`live_workers`), or None when Redis did not answer."""
@@ -186,9 +188,15 @@ class RegistryReader:
             if now - self._read_at >= self.cache_s:
                 try:
                     self._workers = live_workers(self.client)
+                    if self._failing:
+                        log.info("worker registry readable again")
+                    self._failing = False
                 except Exception as exc:  # redis.RedisError, OSError: the broker is down
-                    log.warning("worker registry not readable (%s: %s); waiting_for is null",
-                                type(exc).__name__, exc)
+                    # Once per outage at warning level, then at debug (every CACHE_S).
+                    (log.debug if self._failing else log.warning)(
+                        "worker registry not readable (%s: %s); waiting_for is null",
+                        type(exc).__name__, exc)
+                    self._failing = True
                     self._workers = None
                 self._read_at = time.monotonic()
             return self._workers
