@@ -83,7 +83,7 @@ if str(REPO) not in sys.path:
 
 from lmforge import proctree  # noqa: E402
 from lmforge.processes import RedisServer, free_port, kill_process_group, spawn  # noqa: E402
-from store.queue import QUEUE  # noqa: E402
+from store.queue import QUEUE, RedisQueueInspector  # noqa: E402
 from tests.support.cleanup import remove_tree  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 
@@ -430,13 +430,14 @@ def check_submissions(stack: Stack, plan: list[Submission], tag: str) -> dict[st
 
 
 def _queue_length(redis_url: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    """Messages waiting on the default queues (every priority list: issue 11's jobs wait on
+    ``<queue>\x06\x16<n>``; these specs use device "cpu", queue ``cpu``)."""
+    inspector = RedisQueueInspector(redis_url)
     try:
-        return int(client.llen(QUEUE))
+        lengths = inspector.queue_lengths([QUEUE, "cpu", "cuda"])
+        return sum(n for queue, n in lengths.items() if queue)
     finally:
-        client.close()
+        inspector.close()
 
 
 def part_submit(infra: Infra, backend: str, args: argparse.Namespace) -> dict[str, Any]:
