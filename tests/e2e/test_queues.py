@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.metricseries import queue_positions
 from lmforge import proctree
@@ -53,6 +54,7 @@ from tests.e2e.test_faults import CLI, Stack, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 TINY = {"max_steps": 10, "eval_interval": 10, "log_interval": 5}
+METRICS_TOKEN = "queues-metrics-token"
 
 
 class QueueStack(Stack):
@@ -89,7 +91,8 @@ class QueueStack(Stack):
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[QueueStack]:
-    s = QueueStack(tmp_path / "stack", f"sqlite:///{tmp_path / 'lmforge.db'}")
+    s = QueueStack(tmp_path / "stack", f"sqlite:///{tmp_path / 'lmforge.db'}",
+                   LMFORGE_METRICS_TOKEN=METRICS_TOKEN)
     try:
         yield s
     finally:
@@ -130,6 +133,15 @@ def test_a_cuda_job_waits_on_cpu_workers_with_waiting_for_cuda_until_a_cuda_work
         env=stack.env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert "waiting   for cuda (no live worker serves its queue" in status.stdout
+    # /metrics: the message waits on "cuda", which no live worker serves.
+    scrape = stack.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    samples = {(smp.name, smp.labels.get("queue")): smp.value
+               for fam in text_string_to_metric_families(scrape.text) for smp in fam.samples
+               if smp.name in ("lmforge_queue_messages", "lmforge_queue_workers")}
+    assert {k: v for k, v in samples.items() if k[1] in ("cuda", "cpu", "lmforge")} == {
+        ("lmforge_queue_messages", "cuda"): 1.0, ("lmforge_queue_workers", "cuda"): 0.0,
+        ("lmforge_queue_messages", "cpu"): 0.0, ("lmforge_queue_workers", "cpu"): 1.0,
+        ("lmforge_queue_messages", "lmforge"): 0.0, ("lmforge_queue_workers", "lmforge"): 1.0}
 
     # A worker that serves "cuda" takes it (here, without CUDA, the job then fails as it
     # should: device_unavailable).
