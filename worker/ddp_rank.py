@@ -370,5 +370,23 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _run(argv: list[str]) -> None:
+    """:func:`main`, then ``os._exit``: a finished rank leaves without the interpreter's
+    teardown, in which the C++ destructors of torch.distributed's background threads (the
+    store's, the process group's) sometimes abort (SIGABRT, "terminate called without an
+    active exception") once the run is over."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("rank failed")
+        status = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    _run(sys.argv)
