@@ -440,6 +440,8 @@ def train_command(spec_path: Path, output_dir: Path, resume: Path | None = None,
     t0 = time.perf_counter()
     try:
         base_dir = Path(spec_path).resolve().parent
+        if spec.resources.gpus > 1:  # data-parallel: this process is rank 0
+            from worker.ddp_rank import train_data_parallel as train_sources
         result = train_sources(spec, resolve_sources(spec, base_dir), hooks,
                                resume_from=None if start is None else start[0],
                                cache_dir=(cache_dir or default_cache_dir()) if use_cache else None,

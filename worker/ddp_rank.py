@@ -153,11 +153,13 @@ def _run_rank0(spec: JobSpec, prepared: PreparedCorpus, hooks: TrainingHooks,
     _wait_ready(store, ranks, timeout)
     try:
         ctx = init_distributed(0, world, _rank_device(base, 0), store, timeout)
+        failed = True
         try:
             result = train_prepared(spec, prepared, hooks, resume_from, embeddings=embeddings,
                                     dist=ctx)
+            failed = False
         finally:
-            shutdown_distributed()
+            shutdown_distributed(failed)
     except TrainingError:
         raise
     except Exception as exc:  # a collective that failed: which rank died?

@@ -14,7 +14,9 @@ gradients (embedding rows of rare characters), and within 2.4e-7 with SGD. A res
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -195,3 +197,22 @@ def test_one_process_with_the_doubled_batch_resumes_a_two_process_checkpoint() -
     train_sources(_spec(8, 1), _sources(), full)
     assert [r.step for r in resumed.rows] == list(range(11, 21))
     _assert_rows_close(full.rows[10:], resumed.rows)
+
+
+def test_lmforge_train_runs_a_two_process_spec(tmp_path: Path) -> None:
+    # `lmforge train` (lmforge.local.train_command) with resources.gpus 2: rank 0 in this
+    # process writes the run's files, reporting both ranks' tokens.
+    from lmforge.local import train_command
+
+    (tmp_path / "corpus.txt").write_text(builtin_corpus("python-docs")[:20_000], "utf-8")
+    spec = {"dataset": {"path": "corpus.txt"}, "resources": {"device": "cpu", "gpus": 2},
+            "model": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1},
+            "training": {"batch_size": 4, "seq_len": 16, "max_steps": 6, "eval_interval": 3,
+                         "log_interval": 2, "num_threads": 1, "device": "cpu"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert train_command(tmp_path / "spec.json", tmp_path / "out") == 0
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["tokens_seen"] == 6 * 2 * 4 * 16
+    assert _rank_processes() == []

@@ -130,7 +130,16 @@ def init_distributed(rank: int, world_size: int, device: torch.device, store: An
     return DistContext(rank, world_size, device, control)
 
 
-def shutdown_distributed() -> None:
-    """Leave the default process group (if any), so the process can run another job."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(failed: bool = False) -> None:
+    """Leave the default process group (if any), so the process can run another job.
+    ``failed``: after a collective failed (a rank died), NCCL's communicators are aborted
+    rather than destroyed, since work queued to the dead peer would never finish
+    (``torch.distributed``'s ``_abort_process_group``; gloo's are destroyed as usual)."""
+    if not dist.is_initialized():
+        return
+    if failed and dist.get_backend() == "nccl":
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+        return
+    dist.destroy_process_group()
