@@ -9,6 +9,7 @@ processes: Redis, the API and ``lmforge worker --device cpu --gpus-per-job 2`` (
 - a rank killed mid-run fails the attempt with ``rank_failed``; the worker queues the job
   again, the next attempt resumes from the last periodic checkpoint and finishes it, every
   step still recorded once;
+- with ``LMFORGE_MAX_ATTEMPTS=1`` the same job fails with ``rank_failed`` instead;
 - SIGTERM to the worker reaches rank 0, every rank stops in step, ``last`` is saved and the
   job goes back to the queue; another worker resumes it to the end.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,11 @@ TRAINING = {"batch_size": BATCH, "seq_len": SEQ_LEN, "max_steps": STEPS, "eval_i
             "log_interval": 5, "checkpoint_interval": 10}
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[QueueStack]:
+@contextmanager
+def _ddp_stack(tmp_path: Path, **settings: str) -> Iterator[QueueStack]:
     # No sweep requeues a job within a test (an hour's lease): every requeue is the worker's.
     s = QueueStack(tmp_path / "stack", f"sqlite:///{tmp_path / 'lmforge.db'}",
-                   LMFORGE_HEARTBEAT_TIMEOUT_S="3600")
+                   LMFORGE_HEARTBEAT_TIMEOUT_S="3600", **settings)
     try:
         s.start_api()
         s.start_worker_with("ddp", "--device", "cpu", "--gpus-per-job", "2")
@@ -53,6 +55,12 @@ def stack(tmp_path: Path) -> Iterator[QueueStack]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[QueueStack]:
+    with _ddp_stack(tmp_path) as s:
+        yield s
 
 
 def _rank_pids(stack: QueueStack, worker: str = "ddp") -> set[int]:
@@ -119,6 +127,22 @@ def test_a_killed_rank_requeues_the_job_which_resumes_and_finishes(stack: QueueS
     assert second["outcome"] == "succeeded" and second["resumed_from_step"] >= 10, second
     _assert_each_step_once(stack, job_id)
     assert _rank_pids(stack) == set()
+
+
+def test_a_killed_rank_past_max_attempts_fails_the_job_with_rank_failed(tmp_path: Path) -> None:
+    with _ddp_stack(tmp_path, LMFORGE_MAX_ATTEMPTS="1") as stack:
+        job_id = _submit(stack, 300)
+        stack.wait_step(job_id, 5)
+        (rank,) = wait_for("a rank process", lambda: _rank_pids(stack))
+        os.kill(rank, signal.SIGKILL)
+        job = stack.api.wait_finished(job_id)
+        assert job["status"] == "failed", (job, stack.logs())
+        error = job["error"]
+        assert (error["code"], error["retryable"], error["phase"]) == ("rank_failed", True,
+                                                                       "train")
+        assert "rank 1 of 2" in error["message"] and "LMFORGE_MAX_ATTEMPTS" in error["message"]
+        assert [(a["attempt"], a["outcome"]) for a in job["attempt_history"]] == [(1, "failed")]
+        assert _rank_pids(stack) == set()
 
 
 def test_sigterm_stops_every_rank_saves_last_and_another_worker_finishes(
