@@ -28,6 +28,7 @@ from core.corpora import builtin_corpus
 from core.sources import CorpusSources
 from tests.engine.conftest import RecordingHooks, make_spec, strip_timing
 from worker.ddp_rank import train_data_parallel
+from worker.engine import loop as loop_module
 from worker.engine.checkpoint import load_checkpoint
 from worker.engine.distributed import shard_rows
 from worker.engine.trainer import train_sources
@@ -215,4 +216,32 @@ def test_lmforge_train_runs_a_two_process_spec(tmp_path: Path) -> None:
             (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[-1]["tokens_seen"] == 6 * 2 * 4 * 16
+    assert _rank_processes() == []
+
+
+def test_a_non_finite_loss_on_rank_0_stops_every_rank_with_the_last_good_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only rank 0's own loss is poisoned (at step 7); the reported loss is the mean over the
+    # ranks, so rank 1 sees it too: both fail at the same step, and together write the
+    # `last` checkpoint of the step before (a gather), rather than rank 1 hanging.
+    real = loop_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real(*args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":
+            calls["n"] += 1
+            if calls["n"] == 7:
+                return loss * float("inf")
+        return loss
+
+    monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+    hooks = RecordingHooks()
+    with pytest.raises(TrainingError) as err:
+        train_data_parallel(_spec(4, 2, log_interval=1), _sources(), hooks)
+    assert err.value.code == "non_finite_loss" and err.value.step == 7
+    assert [r.step for r in hooks.rows] == list(range(1, 7))
+    last = load_checkpoint(hooks.last("last").data)
+    assert hooks.last("last").step == 6 and "rank1.cpu" in last.rng
+    assert last.hidden is not None and last.hidden[0].shape == (2, 8, 32)
     assert _rank_processes() == []
