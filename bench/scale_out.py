@@ -41,10 +41,18 @@ Each stack (one per ``--workers`` value) runs, in order:
     and after it ``rest``: the remaining steps, the final evaluation and the finish (until the
     terminal ``status`` event).
 ``throughput``
-    ``--jobs`` jobs submitted at once (sequential ``POST`` requests from this process); jobs
-    per hour = jobs / (last terminal status time - first submission time). Per job: submission
-    -> claimed (the ``running`` status event) -> first step (the first ``metrics`` event) ->
-    terminal (the terminal ``status`` event), median and p90.
+    ``--jobs`` jobs submitted at once (sequential ``POST`` requests from this process) while
+    the workers are paused (SIGSTOP to their process groups; SIGCONT after the last
+    submission): the workers then drain a full queue, as they would under a backlog, and the
+    client's submission rate does not limit them. Jobs per hour = jobs / (last terminal status
+    time - the workers' resumption). Per job (median and p90): claimed (the ``running`` status
+    event) -> first step (the first ``metrics`` event) -> terminal (the terminal ``status``
+    event); submission -> claimed includes the pause here. Per worker: the time between two
+    jobs (one's terminal status -> the next one's claim: the scheduling overhead proper) and
+    each job's own time (claimed -> terminal).
+
+``--preload off`` starts the workers with ``LMFORGE_WORKER_PRELOAD=0`` (worker.preload off:
+the behaviour before it existed), for a before/after comparison.
 
 Times: the client's ``time.time()`` for submissions, the workers' JSON log ``ts`` (ms), the
 Redis event streams' ``t`` (store.events: the Unix time at which the publishing process wrote
@@ -62,6 +70,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,6 +90,7 @@ for _p in (REPO, REPO / "bench"):
 
 from load import Infra, Stack, machine  # noqa: E402  (bench/load.py: the stack's processes)
 
+from lmforge import proctree  # noqa: E402
 from lmforge.processes import RedisServer  # noqa: E402
 from tests.support.cleanup import remove_tree  # noqa: E402
 
@@ -96,7 +106,7 @@ _CACHE_RE = re.compile(r"token cache: (?:prepared|reusing) \S+ (?:in|\(.*checked
                        r"([0-9.]+) s")
 
 
-def corpus(chars: int = 20_000) -> bytes:
+def corpus(chars: int = 8_000) -> bytes:
     """A small deterministic text (lines of words), ``chars`` characters."""
     words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly "
              "hex bold jackdaws and zebras").split()
@@ -118,8 +128,8 @@ def job_spec(name: str, dataset_id: str, steps: int) -> dict[str, Any]:
         "tokenizer": {"kind": "char"},
         "model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.0},
         "training": {
-            "max_steps": steps, "eval_interval": steps, "log_interval": 1, "batch_size": 4,
-            "seq_len": 16, "seed": 0, "device": "cpu", "num_threads": 1,
+            "max_steps": steps, "eval_interval": steps, "log_interval": 1, "batch_size": 16,
+            "seq_len": 32, "seed": 0, "device": "cpu", "num_threads": 1,
         },
         "val_fraction": 0.1,
     }
@@ -190,6 +200,11 @@ class Bench:
             time.sleep(0.2)
         raise RuntimeError("the workers did not become ready")
 
+    def signal_workers(self, sig: int) -> None:
+        """Send ``sig`` to every worker's process group (main and pool processes)."""
+        for i in range(self.workers):
+            os.killpg(self.stack.procs[f"worker{i}"].pid, sig)
+
     def records(self, role: str) -> list[dict[str, Any]]:
         path = self.stack.logs.get(role)
         if path is None or not path.exists():
@@ -209,18 +224,37 @@ class Bench:
             raise RuntimeError(f"submission failed: {r.status_code} {r.text}")
         return r.json()["id"], t
 
-    def wait_terminal(self, ids: list[str], interval: float = 0.1) -> None:
-        """Until every job has a terminal ``status`` event (read from Redis; no API load)."""
+    def wait_terminal(self, ids: list[str]) -> None:
+        """Until every job has a terminal ``status`` event: a blocking ``XREAD`` on the jobs'
+        event streams (Redis wakes this process at each new entry; no polling, no API load)."""
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        pending = set(ids)
-        while pending and time.monotonic() < deadline:
-            for job_id in list(pending):
-                if self._events(job_id, terminal_only=True):
-                    pending.discard(job_id)
-            if pending:
-                time.sleep(interval)
-        if pending:
-            raise RuntimeError(f"jobs not finished after {JOB_TIMEOUT_S} s: {sorted(pending)}")
+        last = {f"lmforge:events:{j}": "0-0" for j in ids}
+        while last and time.monotonic() < deadline:
+            got: Any = self.redis.xread(last, block=1000)  # type: ignore[arg-type]
+            for key, entries in got or []:
+                for entry_id, fields in entries:
+                    last[key] = entry_id
+                    if fields.get("event") == "status" and json.loads(
+                            fields.get("data") or "{}").get("status") in TERMINAL:
+                        last.pop(key, None)
+                        break
+        if last:
+            raise RuntimeError(f"jobs not finished after {JOB_TIMEOUT_S} s: {sorted(last)}")
+
+    def cpu_seconds(self, infra: Infra) -> dict[str, float]:
+        """CPU time (user + system, seconds) used so far by each part of the stack: the
+        workers' process trees, the API's, the PostgreSQL server's (all its backends; it is
+        shared by the stacks of one run, which run one after the other) and Redis."""
+        roots: dict[str, list[int]] = {
+            "workers": [self.stack.procs[f"worker{i}"].pid for i in range(self.workers)],
+            "api": [self.stack.procs["api"].pid],
+            "redis": [infra.redis.proc.pid] if infra.redis.proc else [],
+        }
+        if infra.postgres is not None and infra.postgres.proc is not None:
+            roots["postgres"] = [infra.postgres.proc.pid]
+        return {name: round(sum(_cpu_s(p) for r in pids
+                                for p in {r, *proctree.descendants(r)}), 2)
+                for name, pids in roots.items()}
 
     def _events(self, job_id: str, terminal_only: bool = False) -> list[dict[str, Any]]:
         out = []
@@ -297,6 +331,18 @@ class Bench:
         self.stack.stop()
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` (``/proc/PID/stat``), seconds; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def _ts(iso: str | None) -> float | None:
     if not iso:
         return None
@@ -310,18 +356,28 @@ def _d(a: float | None, b: float | None) -> float | None:
 # -- the parts -----------------------------------------------------------------------------------
 
 
-def run_jobs(bench: Bench, tag: str, n: int, steps: int, *, one_at_a_time: bool
-             ) -> tuple[list[dict[str, Any]], float]:
+def run_jobs(bench: Bench, tag: str, n: int, steps: int, *, one_at_a_time: bool = False,
+             paused: bool = False) -> tuple[list[dict[str, Any]], float]:
     """Submit ``n`` jobs (all at once, or each after the previous one finished); their times,
-    and the wall time from the first submission to the last terminal status."""
+    and the wall time from the first submission (``paused``: from the workers' resumption) to
+    the last terminal status. ``paused``: the workers' process groups are stopped (SIGSTOP)
+    while the jobs are submitted and continued (SIGCONT) after the last one, so that the
+    workers drain a full queue instead of waiting for this client's next submission."""
     submitted: list[tuple[str, float]] = []
-    for k in range(n):
-        submitted.append(bench.submit(f"{tag}-{k:03d}", steps))
-        if one_at_a_time:
-            bench.wait_terminal([submitted[-1][0]], interval=0.05)
+    if paused:
+        bench.signal_workers(signal.SIGSTOP)
+    try:
+        for k in range(n):
+            submitted.append(bench.submit(f"{tag}-{k:03d}", steps))
+            if one_at_a_time:
+                bench.wait_terminal([submitted[-1][0]])
+    finally:
+        if paused:
+            bench.signal_workers(signal.SIGCONT)
+    t_start = time.time() if paused else submitted[0][1]
     bench.wait_terminal([j for j, _ in submitted])
     jobs = [bench.job_times(j, t) for j, t in submitted]
-    wall = max(j["terminal"] for j in jobs) - submitted[0][1]
+    wall = max(j["terminal"] for j in jobs) - t_start
     return jobs, wall
 
 
@@ -341,20 +397,31 @@ def run_stack(infra: Infra, args: argparse.Namespace, workers: int) -> dict[str,
         out["preload_s"] = bench.preload_s
         time.sleep(args.settle)
         out["load_before"] = load_now()
-        cold, _ = run_jobs(bench, "warmup", workers, args.steps, one_at_a_time=False)
+        cold, _ = run_jobs(bench, "warmup", workers, args.steps)
         out["cold"] = {"jobs": cold, "phases": phase_summary(cold)}
         if workers == 1 and args.idle_jobs:
             idle, _ = run_jobs(bench, "idle", args.idle_jobs, args.steps, one_at_a_time=True)
             out["idle"] = {"jobs": idle, "phases": phase_summary(idle),
                            "load_after": load_now()}
-        jobs, wall = run_jobs(bench, "tp", args.jobs, args.steps, one_at_a_time=False)
-        per_worker: dict[int, int] = {}
-        for j in jobs:
-            per_worker[j.get("worker", -1)] = per_worker.get(j.get("worker", -1), 0) + 1
+        cpu_before = bench.cpu_seconds(infra)
+        jobs, wall = run_jobs(bench, "tp", args.jobs, args.steps, paused=True)
+        cpu_after = bench.cpu_seconds(infra)
+        cpu = {k: round((cpu_after[k] - cpu_before[k]) / len(jobs), 4) for k in cpu_after}
+        per_worker: dict[int, list[dict[str, Any]]] = {}
+        for j in sorted(jobs, key=lambda j: j["claimed"]):
+            per_worker.setdefault(j.get("worker", -1), []).append(j)
+        # a worker's time between two jobs: the previous one's terminal status -> the next
+        # one's claim (the scheduling overhead proper: ack, next message, hand-over, claim)
+        between = [b["claimed"] - a["terminal"] for js in per_worker.values()
+                   for a, b in zip(js, js[1:], strict=False)]
         out["throughput"] = {
             "jobs": len(jobs), "wall_s": round(wall, 2),
             "jobs_per_hour": round(len(jobs) / wall * 3600),
-            "jobs_per_worker": {str(k): v for k, v in sorted(per_worker.items())},
+            "jobs_per_worker": {str(k): len(v) for k, v in sorted(per_worker.items())},
+            "between_jobs": summary(between),
+            "claimed_to_terminal": summary([j["terminal"] - j["claimed"] for j in jobs]),
+            # CPU seconds per job by part of the stack, over submission and drain
+            "cpu_s_per_job": {**cpu, "total": round(sum(cpu.values()), 4)},
             "phases": phase_summary(jobs), "load_after": load_now(), "times": jobs,
         }
         statuses = [j["status"] for j in [*cold, *out.get("idle", {}).get("jobs", []), *jobs]]
@@ -448,6 +515,9 @@ def print_report(result: dict[str, Any]) -> None:
         print("  throughput (median / p90 s): " + ", ".join(
             f"{k} {ph[k].get('median_s')}/{ph[k].get('p90_s')}"
             for k in ("submit_to_claimed", "claimed_to_first_step", "submit_to_terminal")))
+        print(f"  per worker: between jobs {tp['between_jobs'].get('median_s')} s, claimed -> "
+              f"terminal {tp['claimed_to_terminal'].get('median_s')} s (medians); CPU s per "
+              f"job {tp['cpu_s_per_job']}")
     if "ratio_2_to_1" in result:
         print(f"2 workers / 1 worker: {result['ratio_2_to_1']}")
 
