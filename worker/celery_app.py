@@ -2,7 +2,8 @@
 
 The configuration is :func:`store.queue.make_celery`, shared with the API. Nothing here
 imports torch: the prefork pool forks its children after this module is loaded, and torch must
-only be loaded inside the task, in the child (docs/operations.md).
+only be loaded in the child (docs/operations.md): by :mod:`worker.preload` as the child starts
+(``LMFORGE_WORKER_PRELOAD``), else inside its first task.
 
 The :class:`OrphanSweep` boot step runs the sweeps (:func:`worker.tasks.sweep_orphaned_jobs`:
 jobs of dead workers, and queued jobs whose broker message is lost) in the worker's main process
