@@ -138,8 +138,9 @@ def test_a_killed_rank_past_max_attempts_fails_the_job_with_rank_failed(tmp_path
         job = stack.api.wait_finished(job_id)
         assert job["status"] == "failed", (job, stack.logs())
         error = job["error"]
-        assert (error["code"], error["retryable"], error["phase"]) == ("rank_failed", True,
-                                                                       "train")
+        assert (error["code"], error["retryable"]) == ("rank_failed", True)
+        # where rank 0 was when its collective failed: a step, or a periodic checkpoint's gather
+        assert error["phase"] in ("train", "checkpoint", "evaluate")
         assert "rank 1 of 2" in error["message"] and "LMFORGE_MAX_ATTEMPTS" in error["message"]
         assert [(a["attempt"], a["outcome"]) for a in job["attempt_history"]] == [(1, "failed")]
         assert _rank_pids(stack) == set()

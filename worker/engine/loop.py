@@ -325,7 +325,8 @@ class TrainLoop(RunControl):
         # A run resumed from a checkpoint taken when a budget already held trains no more.
         stop = self._budget_stop(self.state.step) if self.state.step > 0 else None
         if self.dist is not None:
-            stop = self._agree_stop(stop)
+            with self.site("train", self.state.step):
+                stop = self._agree_stop(stop)
         if self.state.unvalidated_row is not None:
             stop = self._finish_interrupted_validation(stop)
         while stop is None:
@@ -419,7 +420,8 @@ class TrainLoop(RunControl):
         (:meth:`poll`: ``cancelled``, also for a timeout, which :meth:`run` raises). A halt
         during the validation leaves it to the resumed run (``unvalidated_row``)."""
         if self.dist is not None:
-            return self._after_step_distributed(step)
+            with self.site("train", step):  # a failed collective: where rank 0 was
+                return self._after_step_distributed(step)
         t = self.spec.training
         stop = self._budget_stop(step)
         if step % t.eval_interval == 0 or stop is not None:
@@ -506,8 +508,9 @@ class TrainLoop(RunControl):
                     raise
                 cut = True
         if self.dist is not None:
-            loss, cut_code, halt = self.dist.agree([loss, float(cut),
-                                                    _encode(self.halt, _HALTS)])
+            with self.site("evaluate", step):
+                loss, cut_code, halt = self.dist.agree([loss, float(cut),
+                                                        _encode(self.halt, _HALTS)])
             self.halt = _decode(halt, _HALTS)
             if cut_code:
                 raise EvalInterrupted()
