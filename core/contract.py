@@ -58,6 +58,9 @@ ERROR_CODES = (
     # (killed, crashed): the job resumes from its last checkpoint on its next attempt, up to
     # LMFORGE_MAX_ATTEMPTS (worker.ddp_rank, worker.runner)
     "rank_failed",
+    # the object store (LMFORGE_STORAGE_URL) could not be reached or failed a request: the job
+    # resumes from its last checkpoint on its next attempt, up to LMFORGE_MAX_ATTEMPTS
+    "storage_unavailable",
     # anything else: a bug (the traceback is in the worker's log). Not an outage: a database
     # outage that outlasts the runner's retries leaves the job to the sweep, unfailed. Jobs
     # failed before issue 8 carry the old name, "internal_error"
@@ -79,6 +82,7 @@ RETRYABLE: dict[str, bool] = {
     "worker_lost": False,
     "enqueue_failed": True,
     "rank_failed": True,
+    "storage_unavailable": True,
     "internal": True,
 }
 

@@ -8,16 +8,20 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import boto3
 import pytest
 from sqlalchemy import func, select, update
 
 from app.datasets import storage_key
 from core.routing import Route
 from core.spec import TokenizerSpec
+from lmforge.processes import free_port
 from store.db import session_scope
 from store.models import Job, JobStatus, Metric, utcnow
+from store.s3storage import S3Storage
 from store.sweep import sweep_and_requeue, sweep_orphans
 from tests.support.jobenv import Env, corpus_text, make_env
+from tests.support.s3 import MotoServer, make_bucket, s3_client
 from worker.engine.tokenizers import build_tokenizer
 from worker.runner import run_job
 
@@ -240,3 +244,45 @@ def test_a_requested_cancel_wins_over_a_shutdown(env: Env) -> None:
     job = env.job(job_id)
     assert (job.status, job.attempts) == (JobStatus.CANCELLED, 1)
     assert [(c.kind.value, c.step) for c in env.checkpoints(job_id)] == [("last", 1)]
+
+
+def test_an_object_store_outage_fails_the_attempt_with_storage_unavailable_and_requeues_it(
+    env: Env, s3_server: MotoServer,
+) -> None:
+    # The environment's dataset, copied into a bucket of a real S3 server (moto) under its key.
+    bucket = make_bucket(s3_server)
+    s3 = S3Storage(bucket, "runner", client=s3_client(s3_server))
+    key = storage_key(env.dataset_id)
+    s3.put_bytes(key, env.storage.read_bytes(key))
+    job_id = env.submit()
+    # The same bucket through an endpoint that nobody answers on: the store is down.
+    down = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                        aws_access_key_id="x", aws_secret_access_key="y",
+                        region_name="us-east-1")
+    status = env.run(job_id, storage=S3Storage(bucket, "runner", client=down))
+    assert status == JobStatus.QUEUED  # the task puts its message back (worker.tasks)
+    job = env.job(job_id)
+    assert job.status == JobStatus.QUEUED and job.error is None
+    [first] = env.attempts(job_id)
+    assert first.outcome == "failed" and first.error is not None
+    assert (first.error["code"], first.error["retryable"]) == ("storage_unavailable", True)
+    assert "LMFORGE_STORAGE_URL" in first.error["message"]
+    # The store is back: the next attempt runs the job to the end.
+    env.run(job_id, storage=s3)
+    job = env.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2, job.error
+    assert env.steps(job_id) == list(range(1, 13))
+
+
+def test_an_object_store_outage_past_max_attempts_fails_the_job_with_storage_unavailable(
+    tmp_path: Path, s3_server: MotoServer,
+) -> None:
+    env = make_env(tmp_path, LMFORGE_MAX_ATTEMPTS=1)
+    job_id = env.submit()
+    down = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                        aws_access_key_id="x", aws_secret_access_key="y",
+                        region_name="us-east-1")
+    env.run(job_id, storage=S3Storage(make_bucket(s3_server), "runner", client=down))
+    job = env.job(job_id)
+    assert job.status == JobStatus.FAILED and job.error is not None
+    assert (job.error["code"], job.error["retryable"]) == ("storage_unavailable", True)

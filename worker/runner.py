@@ -69,7 +69,7 @@ from store.progress import (
     store_checkpoint_blob,
 )
 from store.settings import Settings
-from store.storage import Storage
+from store.storage import Storage, StorageUnavailable
 from worker.integrations import MLFLOW_FINISH_S, Integrations
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ def run_job(
         return None
     if _interrupted(outcome, hooks) and _requeue(hooks, session_factory, outcome):
         return JobStatus.QUEUED
-    if _rank_failed(outcome) and _retry_rank_failure(hooks, session_factory, settings, outcome):
+    if _retry_now(outcome) and _retry_attempt(hooks, session_factory, settings, outcome):
         return JobStatus.QUEUED
     return _finish(hooks, session_factory, outcome)
 
@@ -583,13 +583,28 @@ def _train(spec_json: dict[str, Any], hooks: DatabaseHooks, factory: SessionFact
     except DatabaseUnavailable as exc:
         return Outcome(JobStatus.FAILED, abandoned=str(exc))
     except Exception as exc:
-        if is_transient_db_error(exc):  # a read outside the retries (the token cache, say)
-            return Outcome(JobStatus.FAILED, abandoned=f"{type(exc).__name__}: {exc}")
-        log.exception("job %s: internal error", job_id)
-        return Outcome(JobStatus.FAILED, error=_error(exc, "internal", internal_message(exc)))
+        return _unexpected(job_id, exc)
     finally:
         if beat.is_alive():
             beat.stop()
+
+
+def _unexpected(job_id: str, exc: Exception) -> Outcome:
+    """The outcome of an exception that is not a :class:`TrainingError`: a database outage
+    outside the retries (the token cache, say) abandons the attempt to the sweep; an outage of
+    the object store is ``storage_unavailable`` (retried at once, :data:`RETRY_NOW_CODES`);
+    anything else is a bug, ``internal``."""
+    if is_transient_db_error(exc):
+        return Outcome(JobStatus.FAILED, abandoned=f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, StorageUnavailable):
+        log.warning("job %s: %s", job_id, exc)
+        return Outcome(JobStatus.FAILED, error=_error(
+            exc, "storage_unavailable",
+            f"{exc}. The job is queued again to resume from its last checkpoint (up to "
+            f"LMFORGE_MAX_ATTEMPTS attempts); check the object store's address "
+            f"(AWS_ENDPOINT_URL), credentials and bucket (LMFORGE_STORAGE_URL)."))
+    log.exception("job %s: internal error", job_id)
+    return Outcome(JobStatus.FAILED, error=_error(exc, "internal", internal_message(exc)))
 
 
 def _run_engine(spec: JobSpec, hooks: DatabaseHooks, factory: SessionFactory,
@@ -628,17 +643,23 @@ def _interrupted(outcome: Outcome, hooks: DatabaseHooks) -> bool:
             and hooks.shutdown.is_set())
 
 
-def _rank_failed(outcome: Outcome) -> bool:
-    """A data-parallel job lost one of its other processes (``rank_failed``)."""
-    return outcome.error is not None and outcome.error.get("code") == "rank_failed"
+#: Failures of the moment that the worker retries at once, as a new attempt resumed from the
+#: last checkpoint: a data-parallel job lost one of its other processes, or the object store
+#: could not be reached.
+RETRY_NOW_CODES = frozenset({"rank_failed", "storage_unavailable"})
 
 
-def _retry_rank_failure(hooks: DatabaseHooks, factory: SessionFactory, settings: Settings,
-                        outcome: Outcome) -> bool:
-    """Put a job whose data-parallel rank died back to queued, to resume from its last
-    checkpoint on its next attempt, as the sweep does for a job whose worker died: the
-    attempt is closed as ``failed`` with the error and counts toward
-    ``LMFORGE_MAX_ATTEMPTS``. False (the caller fails the job with ``rank_failed``) when the
+def _retry_now(outcome: Outcome) -> bool:
+    """The attempt failed with one of :data:`RETRY_NOW_CODES`."""
+    return outcome.error is not None and outcome.error.get("code") in RETRY_NOW_CODES
+
+
+def _retry_attempt(hooks: DatabaseHooks, factory: SessionFactory, settings: Settings,
+                   outcome: Outcome) -> bool:
+    """Put a job whose attempt failed with one of :data:`RETRY_NOW_CODES` back to queued, to
+    resume from its last checkpoint on its next attempt, as the sweep does for a job whose
+    worker died: the attempt is closed as ``failed`` with the error and counts toward
+    ``LMFORGE_MAX_ATTEMPTS``. False (the caller fails the job with that error) when the
     attempts are used up, a cancel was requested, or the job is not this attempt's."""
     from store.models import Job, utcnow
     from store.progress import end_attempt
@@ -661,8 +682,8 @@ def _retry_rank_failure(hooks: DatabaseHooks, factory: SessionFactory, settings:
         hooks.drain()
         requeued = hooks.retry.call(f"job {hooks.job_id}: requeue", requeue)
     except Exception as exc:  # a conflict or an outage: fail it instead (or leave it)
-        log.warning("job %s: could not queue it again after its rank failed: %s",
-                    hooks.job_id, _first_line(exc))
+        log.warning("job %s: could not queue it again after %s: %s",
+                    hooks.job_id, (outcome.error or {}).get("code"), _first_line(exc))
         return False
     if requeued:
         log.warning("job %s: %s; queued again (attempt %d of LMFORGE_MAX_ATTEMPTS=%d)",

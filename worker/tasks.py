@@ -122,7 +122,8 @@ def train_job(job_id: str) -> None:
                          storage=storage(), settings=settings,
                          shutdown=SHUTDOWN)
     if status == JobStatus.QUEUED:
-        raise Reject("the worker is shutting down", requeue=True)
+        raise Reject("the job is queued again (the worker is shutting down, or the attempt is "
+                     "retried)", requeue=True)
 
 
 def pool_worker_id(pid: int) -> str:

@@ -60,9 +60,9 @@ class Env:
             return create_job(s, OWNER, spec).id
 
     def run(self, job_id: str, **kwargs: Any) -> JobStatus | None:
-        return run_job(job_id, session_factory=self.factory, storage=self.storage,
-                       settings=self.settings, **{"worker_id": "test", **self.run_kwargs,
-                                                  **kwargs})
+        return run_job(job_id, session_factory=self.factory, settings=self.settings,
+                       **{"worker_id": "test", "storage": self.storage, **self.run_kwargs,
+                          **kwargs})
 
     def job(self, job_id: str) -> Job:
         with session_scope(self.factory) as s:
