@@ -32,7 +32,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +44,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from store.storage import CHUNK_BYTES, BlobCorrupt, BlobWriter, StorageUnavailable, check_key
+from store.storage import (
+    CHUNK_BYTES,
+    BlobCorrupt,
+    BlobWriter,
+    StorageUnavailable,
+    WriterPuts,
+    check_key,
+)
 
 # The object metadata that records a blob's sha256 (hex); S3 sends it as x-amz-meta-sha256.
 SHA256_METADATA = "sha256"
@@ -86,7 +93,7 @@ def is_missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code")) in _MISSING_CODES
 
 
-class S3Storage:
+class S3Storage(WriterPuts):
     """The :class:`store.storage.Storage` protocol over ``bucket`` under ``prefix`` (no leading
     or trailing "/"; "" for the bucket's root).
 
@@ -163,17 +170,6 @@ class S3Storage:
                                "ContentType": "application/octet-stream"},
                     Config=self.transfer_config,
                 )
-
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
-    ) -> tuple[int, str]:
-        with self.writer(key, max_bytes) as w:
-            for chunk in chunks:
-                w.write(chunk)
-        return w.bytes, w.sha256
-
-    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
-        return self.put_stream(key, [data])
 
     # -- reads -------------------------------------------------------------------------------
     def open(self, key: str) -> BinaryIO:

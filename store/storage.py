@@ -115,7 +115,26 @@ class Storage(Protocol):
         ...
 
 
-class LocalStorage:
+class WriterPuts:
+    """``put_stream`` and ``put_bytes`` of a storage, through its ``writer``."""
+
+    def writer(self, key: str, max_bytes: int | None = None
+               ) -> AbstractContextManager[BlobWriter]:
+        raise NotImplementedError
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
+    ) -> tuple[int, str]:
+        with self.writer(key, max_bytes) as w:
+            for chunk in chunks:
+                w.write(chunk)
+        return w.bytes, w.sha256
+
+    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
+        return self.put_stream(key, [data])
+
+
+class LocalStorage(WriterPuts):
     """Blobs as files under ``root``. Writes are atomic: temporary file, fsync, rename, fsync of
     the directory, so a crash leaves either the old blob or the new one, never half of one."""
 
@@ -146,17 +165,6 @@ class LocalStorage:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(dest.parent)
-
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None
-    ) -> tuple[int, str]:
-        with self.writer(key, max_bytes) as w:
-            for chunk in chunks:
-                w.write(chunk)
-        return w.bytes, w.sha256
-
-    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
-        return self.put_stream(key, [data])
 
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
