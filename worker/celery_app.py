@@ -202,8 +202,9 @@ def _preload_in_pool_process(**_: Any) -> None:
     # After _on_pool_process_init (receivers run in the order connected); never in the main
     # process, which forks the pool and must not import torch.
     if get_settings().worker_preload:
-        from worker.preload import preload_engine
+        from worker.preload import preload_clients, preload_engine
 
+        preload_clients()
         preload_engine()
 
 

@@ -10,6 +10,9 @@ process starts, by running one tiny training job in memory (no database, no stor
 token cache; every path a job's first step takes: tokenizer, model, Adam, one step, one
 evaluation, a checkpoint serialised and dropped).
 
+:func:`preload_clients` builds the process's database engine and storage client (no
+connection), which the first job would otherwise build.
+
 Called by ``worker.celery_app``'s ``worker_process_init`` handler, in each pool process, after
 the fork (the worker's main process never imports torch). It blocks the pool process's "up"
 message, so ``worker_proc_alive_timeout`` is raised there to :data:`PRELOAD_TIMEOUT_S`.
@@ -51,6 +54,23 @@ class _DropHooks:
 
     def should_stop(self) -> bool:
         return False
+
+
+def preload_clients() -> None:
+    """Build this pool process's database engine and blob storage
+    (:func:`worker.tasks.session_factory`, :func:`worker.tasks.storage`: cached per process,
+    so its jobs use these) without connecting to either: that imports the database driver
+    (psycopg: about 0.1 s) and, with S3 storage, boto3 and its client (about 0.3 s), which the
+    first job would pay otherwise. A failure (a malformed ``LMFORGE_STORAGE_URL``, say) is
+    logged as a warning; the first job then fails with its own error."""
+    try:
+        from worker.tasks import session_factory, storage
+
+        session_factory()
+        storage()
+    except Exception as exc:
+        log.warning("preloading the database engine and storage failed (%s: %s); the first "
+                    "job builds them instead", type(exc).__name__, exc)
 
 
 def preload_engine() -> float | None:
