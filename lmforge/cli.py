@@ -96,6 +96,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"lmforge worker: {exc}", file=sys.stderr)
         return 2
     if groups:
+        from store.workers import nvidia_gpu_count
+
+        if device == "cuda" and nvidia_gpu_count() == 0:
+            print("lmforge worker: warning: --gpus was given but this machine shows no NVIDIA "
+                  "GPU (/proc/driver/nvidia/gpus): its jobs will fail with "
+                  "device_unavailable", file=sys.stderr)
         return _supervise_workers(args, device, queues, groups)
     from store.workers import ENV_DEVICE, ENV_GPUS_PER_JOB
 
@@ -331,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser(
         "up",
-        help="run the API, a worker and (unless REDIS_URL is set) an embedded Redis",
+        help="run the API, a worker, the inference server and (unless REDIS_URL is set) an "
+             "embedded Redis",
         description="Run everything on one machine. Ctrl-C or SIGTERM stops it all.",
     )
     up.add_argument("--host", default="127.0.0.1")
@@ -455,7 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.logs import configure_logging
 
     configure_logging()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader of our output went away (`lmforge jobs | head`): stop quietly, as a Unix
+        # filter does. Python's documented recipe: point stdout at devnull so that the
+        # interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by it
 
 
 if __name__ == "__main__":

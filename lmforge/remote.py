@@ -203,6 +203,13 @@ def _status_lines(job: dict[str, Any]) -> list[str]:
                                               if job.get("cancel_requested")
                                               and job["status"] == "running" else ""),
              f"progress  {_progress_text(job)}  {_when(job)}"]
+    spec = job.get("spec") or {}
+    res = spec.get("resources") or {}
+    if res or "priority" in spec:
+        where = f"device {res.get('device', 'auto')}, {res.get('gpus', 1)} process(es)"
+        if res.get("queue"):
+            where += f", queue {res['queue']}"
+        lines.append(f"schedule  {where}, priority {spec.get('priority', 5)}")
     if job.get("waiting_for"):  # queued on a queue no live worker serves
         lines.append(f"waiting   for {job['waiting_for']} (no live worker serves its queue; "
                      f"docs/deploy.md, \"Queues and devices\")")

@@ -146,7 +146,7 @@ class Supervisor:
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         print(
             f"LMForge is up: http://{shown}:{self.port} (API docs at /docs; data in "
-            f"{os.environ['LMFORGE_HOME']}). Press Ctrl-C to stop.",
+            f"{os.environ['LMFORGE_HOME']}{_blobs_elsewhere()}). Press Ctrl-C to stop.",
             flush=True,
         )
         if first_key is not None:
@@ -288,3 +288,10 @@ class _Stopped(Exception):
 
 def run_up(host: str, port: int, concurrency: int = 1) -> int:
     return Supervisor(host=host, port=port, concurrency=concurrency).run()
+
+
+def _blobs_elsewhere() -> str:
+    """", datasets and checkpoints in s3://..." when blobs go to an object store
+    (``LMFORGE_STORAGE_URL``), else ""."""
+    url = os.environ.get("LMFORGE_STORAGE_URL")
+    return f", datasets and checkpoints in {url}" if url else ""

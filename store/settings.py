@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # it starts (worker.preload), so that its first job starts training within tens of
     # milliseconds instead of paying seconds of one-time loading (docs/benchmarks.md).
     worker_preload: bool = Field(default=True, alias="LMFORGE_WORKER_PRELOAD")
+    # How long every collective and the rendezvous of a data-parallel job may wait (seconds):
+    # past it a rank that stopped answering fails the attempt with rank_failed (docs/deploy.md).
+    ddp_timeout_s: float = Field(default=1800.0, gt=0, alias="LMFORGE_DDP_TIMEOUT_S")
 
     # -- Quotas and resource limits (docs/security.md, "Quotas and resource limits") ----------
     # A job's size, checked at submission (core.estimate; 422 job_too_large): its parameters,

@@ -32,7 +32,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: The key of a worker's entry is this prefix and its Celery node name.
+#: The key of a worker's entry is this prefix, its Celery node name and the process id of its
+#: main process: two workers started on one host with the same node name (Celery's default,
+#: ``celery@<host>``) keep an entry each.
 KEY_PREFIX = "lmforge:worker:"
 #: How often a worker writes its entry again (seconds).
 REFRESH_S = 5.0
@@ -98,19 +100,19 @@ def detect_device_class(environ: dict[str, str] | None = None) -> str:
     return "cuda" if nvidia_gpu_count() > 0 else "cpu"
 
 
-def key_of(hostname: str) -> str:
-    return f"{KEY_PREFIX}{hostname}"
+def key_of(hostname: str, pid: int) -> str:
+    return f"{KEY_PREFIX}{hostname}:{pid}"
 
 
 def publish(client: Any, info: WorkerInfo, ttl_s: int = TTL_S) -> None:
     """Write ``info`` under its key with a time to live of ``ttl_s`` seconds. ``client``: a
     ``redis.Redis``. Raises ``redis.exceptions.RedisError`` when Redis does not answer."""
-    client.set(key_of(info.hostname), info.to_json(), ex=ttl_s)
+    client.set(key_of(info.hostname, info.pid), info.to_json(), ex=ttl_s)
 
 
-def remove(client: Any, hostname: str) -> None:
-    """Delete worker ``hostname``'s entry. Raises ``redis.exceptions.RedisError``."""
-    client.delete(key_of(hostname))
+def remove(client: Any, info: WorkerInfo) -> None:
+    """Delete the entry of worker ``info``. Raises ``redis.exceptions.RedisError``."""
+    client.delete(key_of(info.hostname, info.pid))
 
 
 def live_workers(client: Any) -> list[WorkerInfo]:

@@ -164,7 +164,7 @@ class WorkerRegistry(bootsteps.StartStopStep):
             self.tref = None
         if self.client is not None and self.info is not None:
             try:
-                remove(self.client, self.info.hostname)
+                remove(self.client, self.info)
             except Exception as exc:  # the entry expires on its own
                 log.warning("worker registry: could not remove %s (%s)", self.info.hostname,
                             exc)

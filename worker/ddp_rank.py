@@ -65,14 +65,15 @@ from worker.engine.trainer import (
 
 log = logging.getLogger(__name__)
 
-#: Seconds every collective (and the rendezvous) may wait: ``LMFORGE_DDP_TIMEOUT_S``.
-DEFAULT_TIMEOUT_S = 1800.0
 PAYLOAD = "payload.json"
 ERROR_EXIT = 3  # a rank's exit status after a TrainingError (written to rank<r>.error.json)
 
 
 def ddp_timeout_s() -> float:
-    return float(os.environ.get("LMFORGE_DDP_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+    """``LMFORGE_DDP_TIMEOUT_S`` (:class:`store.settings.Settings`), in seconds."""
+    from store.settings import get_settings
+
+    return get_settings().ddp_timeout_s
 
 
 # -- rank 0: the worker's pool process ------------------------------------------------------

@@ -45,6 +45,8 @@ from store.workers import (
     RegistryReader,
     WorkerInfo,
     live_workers,
+    publish,
+    remove,
     waiting_for,
     waiting_label,
 )
@@ -133,6 +135,7 @@ def test_a_cuda_job_waits_on_cpu_workers_with_waiting_for_cuda_until_a_cuda_work
         env=stack.env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert "waiting   for cuda (no live worker serves its queue" in status.stdout
+    assert "schedule  device cuda, 1 process(es), priority 5" in status.stdout
     # /metrics: the message waits on "cuda", which no live worker serves.
     scrape = stack.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     samples = {(smp.name, smp.labels.get("queue")): smp.value
@@ -276,6 +279,28 @@ def test_a_registry_reader_with_redis_down_answers_none(tmp_path: Path) -> None:
     broker.stop()
     assert reader.workers() is None and reader.served_queues() is None
     reader.close()
+
+
+def test_two_workers_with_one_node_name_keep_an_entry_each(tmp_path: Path) -> None:
+    # Celery's default node name is celery@<host>: two workers started on one host without
+    # --hostname share it, and neither may overwrite or, at its shutdown, delete the other's.
+    broker = RedisServer(dir=tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(broker.url)
+        cpu = WorkerInfo(hostname="celery@vm", queues=("cpu", "lmforge"), device_class="cpu",
+                         gpus=None, gpus_per_job=1, pid=101, started_at="t")
+        x2 = WorkerInfo(hostname="celery@vm", queues=("cpu-x2", "lmforge-x2"),
+                        device_class="cpu", gpus=None, gpus_per_job=2, pid=102,
+                        started_at="t")
+        publish(client, cpu)
+        publish(client, x2)
+        publish(client, cpu)  # a refresh
+        assert sorted(w.pid for w in live_workers(client)) == [101, 102]
+        remove(client, x2)  # its clean shutdown
+        assert live_workers(client) == [cpu]
+        client.close()
+    finally:
+        broker.stop()
 
 
 def test_queue_positions_count_within_each_queue_by_priority_then_enqueue_time(
