@@ -140,15 +140,19 @@ def _verified_once(key: tuple[Any, ...], sha256_hex: str, digest: Any) -> bool:
     return ok
 
 
+def _if_range_holds(request: Request, etag: str, last_modified: str) -> bool:
+    """Whether a ``Range`` may be served: no ``If-Range``, or one naming the current strong
+    ETag or Last-Modified (RFC 9110, section 13.1.5; a weak ETag never matches)."""
+    if_range = request.headers.get("if-range")
+    return if_range is None or (not if_range.startswith("W/")
+                                and if_range in (etag, last_modified))
+
+
 def _range_error(request: Request, etag: str, last_modified: str, size: int) -> Response | None:
     """The API's answer to a ``Range`` header that ``FileResponse`` would refuse (400 for a
     malformed one, 416 for one past the end), or None when it may serve it."""
     http_range = request.headers.get("range")
-    if http_range is None:
-        return None
-    if_range = request.headers.get("if-range")
-    if if_range is not None and (if_range.startswith("W/")
-                                 or if_range not in (etag, last_modified)):
+    if http_range is None or not _if_range_holds(request, etag, last_modified):
         return None  # the representation changed: FileResponse ignores the Range
     try:
         FileResponse._parse_range_header(http_range, size)
@@ -330,10 +334,6 @@ def _ranges(request: Request, etag: str, last_modified: str,
     for and may get, or None (no Range, or an If-Range that no longer matches: the whole
     blob). Call after :func:`_range_error` accepted the header."""
     http_range = request.headers.get("range")
-    if http_range is None:
-        return None
-    if_range = request.headers.get("if-range")
-    if if_range is not None and (if_range.startswith("W/")
-                                 or if_range not in (etag, last_modified)):
+    if http_range is None or not _if_range_holds(request, etag, last_modified):
         return None
     return [(start, end - 1) for start, end in FileResponse._parse_range_header(http_range, size)]

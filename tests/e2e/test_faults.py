@@ -59,6 +59,7 @@ from tests.e2e.conftest import (
     printed_admin_keys,
     wait_for_admin_key,
 )
+from tests.support.cluster import DEADLINE_S, wait_for
 from tests.test_sweep import enter_cgroup, make_memory_cgroup
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -67,19 +68,6 @@ log = logging.getLogger(__name__)
 
 CLI = [sys.executable, "-m", "lmforge.cli"]
 BUILTIN = {"dataset": {"builtin": "python-docs"}}
-# A safety net, not an assertion about speed.
-DEADLINE_S = 180.0
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} after {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 class Stack:
