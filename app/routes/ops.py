@@ -15,8 +15,9 @@ from app.deps import SessionDep, StorageDep
 from app.http_errors import ErrorBody
 from app.params import JobIdPath
 from app.webhooks import deliveries_of
-from core.errors import NotFound
+from core.errors import NotFound, ServiceUnavailable
 from store.integrations import tensorboard_key
+from store.storage import BlobCorrupt
 
 router = APIRouter(prefix="/jobs", tags=["operations"])
 
@@ -60,6 +61,9 @@ _TB_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "(`tensorboard --logdir` on the extracted folder)"},
     404: {"model": ErrorBody, "description": "no such job, or it has written no TensorBoard "
                                              "files (no tensorboard integration, or not yet)"},
+    503: {"model": ErrorBody, "description": "the archive is damaged in the object store "
+                                             "(`blob_corrupt`), or the store cannot be reached "
+                                             "(`storage_unavailable`)"},
 }
 
 
@@ -73,6 +77,12 @@ def download_tensorboard(job_id: JobIdPath, session: SessionDep, principal: Prin
     if not storage.exists(key):
         raise NotFound(f"job {job_id} has no TensorBoard files (its spec has no tensorboard "
                        "integration, or it has not written any yet)")
-    return Response(storage.read_bytes(key), media_type="application/gzip", headers={
+    try:
+        data = storage.read_bytes(key)
+    except BlobCorrupt as exc:  # an object store's blob whose bytes changed
+        raise ServiceUnavailable(
+            f"job {job_id}'s TensorBoard files are damaged in storage ({exc}); the worker "
+            "writes them again at the job's next checkpoint", code="blob_corrupt") from exc
+    return Response(data, media_type="application/gzip", headers={
         "Content-Disposition": f'attachment; filename="{job_id}-tensorboard.tar.gz"',
         "Cache-Control": "no-cache"})

@@ -6,6 +6,7 @@ URL that serves the exact bytes without credentials)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from store.integrations import tensorboard_key
 from store.models import Checkpoint
 from store.settings import Settings
 from tests.api import test_downloads as base
@@ -129,3 +131,19 @@ def test_an_upload_to_a_store_that_fails_is_503_storage_unavailable(
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "storage_unavailable"
     assert bucket in r.json()["error"]["message"]
+
+
+def test_a_damaged_tensorboard_archive_is_503_blob_corrupt(
+        client: TestClient, url: str, s3_server: MotoServer, bucket: str) -> None:
+    job_id = url.split("/")[3]  # /v1/jobs/<job>/checkpoints/<id>/download
+    s3 = s3_client(s3_server)
+    key = f"api/{tensorboard_key(job_id)}"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"not the archive it recorded",
+                  Metadata={"sha256": "0" * 64})
+    r = client.get(f"/v1/jobs/{job_id}/tensorboard.tar.gz")
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "blob_corrupt"), r.text
+    body = b"an archive"
+    s3.put_object(Bucket=bucket, Key=key, Body=body,
+                  Metadata={"sha256": hashlib.sha256(body).hexdigest()})
+    r = client.get(f"/v1/jobs/{job_id}/tensorboard.tar.gz")
+    assert (r.status_code, r.content) == (200, body)
