@@ -185,12 +185,14 @@ def _when(job: dict[str, Any]) -> str:
 
 def _jobs(args: argparse.Namespace, client: Client) -> int:
     rows = client.jobs.list(status=args.status, limit=args.limit)
-    lines = [f"{'ID':<37} {'STATUS':<10} {'PROGRESS':<18} {'VAL PPL':>8} {'WHEN':<12} "
+    when = [_when(j) for j in rows]
+    w = max([12, *map(len, when)])  # "waits: queue NAME" may be longer than the column
+    lines = [f"{'ID':<37} {'STATUS':<10} {'PROGRESS':<18} {'VAL PPL':>8} {'WHEN':<{w}} "
              f"{'AGE':>7}  NAME"]
-    for j in rows:
+    for j, j_when in zip(rows, when, strict=True):
         val = (j.get("latest_metrics") or {}).get("val_ppl")
         lines.append(f"{j['id']:<37} {j['status']:<10} {_progress_text(j):<18} "
-                     f"{_num(val, '.3f'):>8} {_when(j):<12} {_age(j['created_at']):>7}  "
+                     f"{_num(val, '.3f'):>8} {j_when:<{w}} {_age(j['created_at']):>7}  "
                      f"{j.get('name') or ''}")
     _out(args, "\n".join(lines), rows)
     return EXIT_OK

@@ -169,6 +169,20 @@ def test_a_higher_priority_job_starts_first_on_its_queue(stack: QueueStack) -> N
     # No worker yet: each waits, and the API tells the order the queue serves them in.
     assert {j: (v["waiting_for"], v["progress"]["queue_position"]) for j, v in jobs.items()} \
         == {high: ("cpu", 1), default: ("cpu", 2), low: ("cpu", 3)}
+    # A job on a named queue that nobody serves: its long "waits: queue ..." keeps the
+    # `lmforge jobs` table's columns aligned.
+    named = stack.submit_spec(name="named", resources={"queue": "nightly-large-models"})
+    assert stack.api.job(named)["waiting_for"] == "queue nightly-large-models"
+    listed = subprocess.run(
+        [*CLI, "jobs", "--url", str(stack.client.base_url), "--api-key",
+         stack.client.headers["Authorization"].split()[1]],
+        env=stack.env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert len(rows) == 4 and any("waits: queue nightly-large-models" in r for r in rows)
+    age_end = header.index("AGE") + len("AGE")  # the AGE column is right-aligned
+    assert all(r[age_end - 1] != " " and r[age_end:age_end + 2] == "  " for r in rows), \
+        listed.stdout
 
     stack.start_worker_with("solo")  # concurrency 1: one job at a time
     done = {j: stack.api.wait_finished(j) for j in (low, default, high)}
