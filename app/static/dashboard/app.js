@@ -585,12 +585,19 @@
       } catch (e) { showError(e); cancelBtn.disabled = false; }
     });
 
+    let headKey = null;
     function drawHead() {
       const cancelling = job.cancel_requested && !TERMINAL.has(job.status);
-      head.replaceChildren(
-        h("h1", {}, job.name || job.id, " ",
-          statusBadge(job.status, cancelling ? "cancelling" : waitingText(job))));
-      if (!TERMINAL.has(job.status) && !job.cancel_requested) head.append(cancelBtn);
+      const extra = cancelling ? "cancelling" : waitingText(job);
+      const canCancel = !TERMINAL.has(job.status) && !job.cancel_requested;
+      // The title and the cancel button change only with the status: rebuilding them at every
+      // metrics event (many per second) would detach the button under the user's pointer.
+      const key = JSON.stringify([job.name || job.id, job.status, extra, canCancel]);
+      if (key !== headKey) {
+        headKey = key;
+        head.replaceChildren(h("h1", {}, job.name || job.id, " ", statusBadge(job.status, extra)));
+        if (canCancel) head.append(cancelBtn);
+      }
       const lm = job.latest_metrics || {};
       const p = job.progress || {};
       stats.replaceChildren(kv([
