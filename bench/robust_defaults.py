@@ -32,20 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.contract import CorpusTexts  # noqa: E402
+from core.contract import CorpusTexts, NullHooks  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
 from worker.engine.trainer import train  # noqa: E402
-
-
-class NullHooks:
-    def on_metrics(self, rows: object) -> None:
-        pass
-
-    def on_checkpoint(self, checkpoint: object) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def phase_corpus(n: int, alphabet: int, stride: int, coin_seed: int) -> str:

@@ -248,3 +248,19 @@ class TrainingHooks(Protocol):
         is saved. A stop during a validation leaves that validation to the resumed run, which
         reports the checkpoint's step again with its validation values (see
         :meth:`on_metrics`)."""
+
+
+class NullHooks:
+    """:class:`TrainingHooks` that keep nothing and never stop the run, for a run whose result
+    is all its caller wants: the worker's warm-up (worker.preload), ranks 1..N-1 of a
+    data-parallel run (rank 0 reports, and their stops come from rank 0's broadcast),
+    benchmarks."""
+
+    def on_metrics(self, rows: Sequence[StepMetrics]) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: CheckpointBlob) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False

@@ -49,11 +49,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.contract import TrainingError, TrainingHooks, TrainingResult, failure_site
+from core.contract import (
+    NullHooks,
+    TrainingError,
+    TrainingHooks,
+    TrainingResult,
+    failure_site,
+)
 from core.sources import CorpusSources
 from core.spec import JobSpec
 from worker.engine.data import corpus_from_prepared
-from worker.engine.distributed import NullHooks, init_distributed, shutdown_distributed
+from worker.engine.distributed import init_distributed, shutdown_distributed
 from worker.engine.tokencache import PreparedCorpus, prepare_corpus
 from worker.engine.tokenizers import tokenizer_from_json
 from worker.engine.trainer import (

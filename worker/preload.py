@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,6 @@ WARMUP_SPEC: dict[str, Any] = {
     "val_fraction": 0.25,
 }
 WARMUP_TEXT = "the quick brown fox jumps over the lazy dog.\n" * 8
-
-
-class _DropHooks:
-    """:class:`core.contract.TrainingHooks` that keep nothing."""
-
-    def on_metrics(self, rows: Sequence[Any]) -> None:
-        pass
-
-    def on_checkpoint(self, checkpoint: Any) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def preload_clients() -> None:
@@ -86,6 +72,7 @@ def preload_engine() -> float | None:
     try:
         import torch
 
+        from core.contract import NullHooks
         from core.sources import CorpusSources, TextSource
         from core.spec import JobSpec
         from worker.engine.trainer import train_sources
@@ -93,7 +80,7 @@ def preload_engine() -> float | None:
         threads = torch.get_num_threads()
         spec = JobSpec.model_validate(WARMUP_SPEC)
         train_sources(spec, CorpusSources(TextSource.from_text(WARMUP_TEXT, "warm-up")),
-                      _DropHooks(), device="cpu")
+                      NullHooks(), device="cpu")
         torch.set_num_threads(threads)
     except Exception as exc:
         log.warning("engine preload failed (%s: %s); the first job loads it instead",

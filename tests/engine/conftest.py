@@ -76,3 +76,26 @@ def strip_timing(rows: Sequence[Any],
     """``rows`` as dicts without their ``timing`` fields, the only ones that differ between
     two equal runs."""
     return [{k: v for k, v in r.as_dict().items() if k not in timing} for r in rows]
+
+
+@pytest.fixture
+def poison_loss_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """``poison_loss_at(n)``: from then on, the ``n``-th mean cross-entropy the training loop
+    (worker.engine.loop) computes in this process is infinite (a diverged step)."""
+    from worker.engine import loop as loop_module
+
+    def poison(n: int) -> None:
+        real = loop_module.F.cross_entropy
+        calls = {"n": 0}
+
+        def poisoned(*args: Any, **kwargs: Any) -> Any:
+            loss = real(*args, **kwargs)
+            if kwargs.get("reduction", "mean") == "mean":
+                calls["n"] += 1
+                if calls["n"] == n:
+                    return loss * float("inf")
+            return loss
+
+        monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+
+    return poison

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from core.corpora import builtin_corpus
 from core.sources import CorpusSources
 from tests.engine.conftest import RecordingHooks, make_spec, strip_timing
 from worker.ddp_rank import train_data_parallel
-from worker.engine import loop as loop_module
 from worker.engine.checkpoint import load_checkpoint
 from worker.engine.distributed import shard_rows
 from worker.engine.trainer import train_sources
@@ -220,22 +220,11 @@ def test_lmforge_train_runs_a_two_process_spec(tmp_path: Path) -> None:
 
 
 def test_a_non_finite_loss_on_rank_0_stops_every_rank_with_the_last_good_state(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        poison_loss_at: Callable[[int], None]) -> None:
     # Only rank 0's own loss is poisoned (at step 7); the reported loss is the mean over the
     # ranks, so rank 1 sees it too: both fail at the same step, and together write the
     # `last` checkpoint of the step before (a gather), rather than rank 1 hanging.
-    real = loop_module.F.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = real(*args, **kwargs)
-        if kwargs.get("reduction", "mean") == "mean":
-            calls["n"] += 1
-            if calls["n"] == 7:
-                return loss * float("inf")
-        return loss
-
-    monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+    poison_loss_at(7)
     hooks = RecordingHooks()
     with pytest.raises(TrainingError) as err:
         train_data_parallel(_spec(4, 2, log_interval=1), _sources(), hooks)

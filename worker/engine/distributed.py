@@ -92,20 +92,6 @@ def shard_rows(data: torch.Tensor, rank: int, world_size: int, dim: int = 0) -> 
     return data.narrow(dim, rank * b, b)
 
 
-class NullHooks:
-    """The hooks of ranks 1..N-1: they report nothing (rank 0 reports) and never stop on
-    their own (rank 0's decision reaches them, :meth:`DistContext.agree`)."""
-
-    def on_metrics(self, rows: Any) -> None:
-        pass
-
-    def on_checkpoint(self, checkpoint: Any) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def backend_for(device: torch.device) -> str:
     """``nccl`` for CUDA devices, ``gloo`` otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -424,13 +424,9 @@ class TrainLoop(RunControl):
                 return self._after_step_distributed(step)
         t = self.spec.training
         stop = self._budget_stop(step)
-        if step % t.eval_interval == 0 or stop is not None:
-            try:
-                if self._validate(step):
-                    stop = stop or "early_stopping"
-            except EvalInterrupted:
-                self._eval_interrupted_at = step
-                return "cancelled"
+        stop, cut = self._validate_if_due(step, stop)
+        if cut:
+            return "cancelled"
         if self.periodic_due(step, stop is not None):
             self._checkpoint(CheckpointKind.PERIODIC)
         if step % t.log_interval == 0 or stop is not None:
@@ -439,6 +435,21 @@ class TrainLoop(RunControl):
             stop = "cancelled"
         return stop
 
+    def _validate_if_due(self, step: int, stop: StopReason | None
+                         ) -> tuple[StopReason | None, bool]:
+        """Validate after ``step`` when it is due (every ``eval_interval`` steps, and at a
+        stop). Returns the stop reason (``early_stopping`` added when it says so) and whether a
+        halt cut the validation short (left to the resumed run, ``unvalidated_row``)."""
+        if step % self.spec.training.eval_interval != 0 and stop is None:
+            return stop, False
+        try:
+            if self._validate(step):
+                stop = stop or "early_stopping"
+        except EvalInterrupted:
+            self._eval_interrupted_at = step
+            return stop, True
+        return stop, False
+
     def _after_step_distributed(self, step: int) -> StopReason | None:
         """:meth:`_after_step` of a data-parallel run: rank 0 decides the stop (a budget in
         seconds), evaluates, and says whether a timed checkpoint is due and whether the run
@@ -446,13 +457,9 @@ class TrainLoop(RunControl):
         assert self.dist is not None
         t = self.spec.training
         stop = self._agree_stop(self._budget_stop(step) if self.is_main else None)
-        if step % t.eval_interval == 0 or stop is not None:
-            try:
-                if self._validate(step):
-                    stop = stop or "early_stopping"
-            except EvalInterrupted:
-                self._eval_interrupted_at = step
-                return "cancelled"
+        stop, cut = self._validate_if_due(step, stop)
+        if cut:
+            return "cancelled"
         periodic = False
         if self.is_main:
             periodic = self.periodic_due(step, stop is not None)
