@@ -68,11 +68,12 @@ def store_upload(storage: Storage, key: str, files: list[RawFile], options: Inge
 
     with storage.writer(key) as writer:
         result = ingest(files, options, writer, max_bytes, observe)
+        # The BPE sample, from the bytes just written (before an object store has them).
+        lines = sample_lines(writer.read_back(), writer.bytes,
+                             labelled=result.kind == "labelled")
     text = counter.finish()
-    stats: dict[str, Any] = {"char": char_stats(text, tokens), "word": word_stats(text, tokens)}
-    with storage.open(key) as fh:
-        lines = sample_lines(fh, writer.bytes, labelled=result.kind == "labelled")
-    stats["bpe"] = bpe_estimate(lines, text.num_bytes)
+    stats: dict[str, Any] = {"char": char_stats(text, tokens), "word": word_stats(text, tokens),
+                             "bpe": bpe_estimate(lines, text.num_bytes)}
     return StoredUpload(writer.bytes, writer.sha256, text, result, stats)
 
 

@@ -85,6 +85,14 @@ class BlobWriter:
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    def read_back(self) -> BinaryIO:
+        """The blob as written so far, readable and seekable from its start (the writer's own
+        temporary file: no second copy, and no round trip to an object store). Call it after
+        the last :meth:`write`."""
+        self._fh.flush()
+        self._fh.seek(0)
+        return self._fh
+
 
 class Storage(Protocol):
     def writer(
@@ -155,7 +163,7 @@ class LocalStorage(WriterPuts):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as fh:
+            with open(tmp, "w+b") as fh:  # readable: read_back
                 w = BlobWriter(fh, max_bytes)
                 yield w
                 fh.flush()
